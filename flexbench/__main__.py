@@ -1,0 +1,3 @@
+from flexbench.cli import main
+
+main()

@@ -1,0 +1,244 @@
+"""click CLI: run, mods, sync, summary, compare (thin: parse -> call the API)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from flexbench import mods as mods_mod
+
+EPILOG_RUN = """\b
+Examples:
+  flexbench run -b 8 -nh 16 -s 1024,4096 -d 64,128 -mods noop,causal --calculate-bwd
+  flexbench run --device cpu -b 1 -nh 4 -s 256 -d 64 -mods causal,softcap:20 -dtype float32
+  flexbench run -nh 32 --kv-heads 8 -s 2048 --kv-len 8192 -mods causal
+"""
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for raw in values for v in str(raw).split(",") if v.strip()]
+
+
+def int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[int]:
+    """Comma lists or repeated flags of whole numbers > 0."""
+    out = []
+    for v in _split(values):
+        try:
+            n = int(v)
+        except ValueError:
+            raise click.BadParameter(f"'{v}' is not a whole number") from None
+        if n <= 0:
+            raise click.BadParameter(f"sizes must be > 0, got {n}")
+        out.append(n)
+    return out
+
+
+def mod_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    """Mod specs, each resolved now so a bad name fails before anything runs."""
+    names = _split(values)
+    for name in names:
+        try:
+            mods_mod.resolve(name)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return names
+
+
+def str_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    return _split(values)
+
+
+DTYPE = click.Choice(["float16", "bfloat16", "float32"])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flexbench")
+def cli() -> None:
+    """flexbench: FlexAttention vs SDPA, verified, every config an MLflow run."""
+
+
+def _default_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    click.echo("notice: no CUDA device here, running on CPU (forward only)", err=True)
+    return "cpu"
+
+
+@cli.command(epilog=EPILOG_RUN)
+@click.option(
+    "-b",
+    "batch",
+    multiple=True,
+    default=("2,8,16",),
+    callback=int_list,
+    show_default=True,
+    help="batch sizes",
+)
+@click.option(
+    "-nh",
+    "heads",
+    multiple=True,
+    default=("16",),
+    callback=int_list,
+    show_default=True,
+    help="query heads",
+)
+@click.option(
+    "-s",
+    "seq_lens",
+    multiple=True,
+    default=("512,1024,4096",),
+    callback=int_list,
+    show_default=True,
+    help="(query) sequence lengths",
+)
+@click.option(
+    "-d",
+    "head_dims",
+    multiple=True,
+    default=("64,128",),
+    callback=int_list,
+    show_default=True,
+    help="head dims",
+)
+@click.option(
+    "-mods",
+    "--mods",
+    "score_mods",
+    multiple=True,
+    default=("noop,causal,rel,head_bias",),
+    callback=mod_list,
+    show_default=True,
+    help="mods: built-in names (see `flexbench mods`) or package.module:function",
+)
+@click.option(
+    "-dtype",
+    "--dtype",
+    "dtypes",
+    multiple=True,
+    default=("bfloat16",),
+    callback=str_list,
+    show_default=True,
+    help="float16, bfloat16, float32",
+)
+@click.option(
+    "--kv-heads",
+    multiple=True,
+    callback=int_list,
+    help="key/value heads (GQA when fewer than -nh); default = -nh",
+)
+@click.option(
+    "--kv-len", "kv_lens", multiple=True, callback=int_list, help="key/value lengths; default = -s"
+)
+@click.option("--decode", is_flag=True, help="decoding: q_len 1 against kv_len (--kv-len or -s)")
+@click.option("--calculate-bwd/--no-calculate-bwd", default=False, help="time backward too")
+@click.option("--dynamic/--no-dynamic", default=False, help="compile flex with dynamic shapes")
+@click.option("--max-autotune/--no-max-autotune", default=False, help="max-autotune compile")
+@click.option("--kernel-options", default="", help="JSON, e.g. '{\"BLOCK_M\": 64}'")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cuda", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="auto = cuda when available",
+)
+@click.option(
+    "--timer",
+    type=click.Choice(["auto", "do_bench", "cudagraph", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="auto: do_bench on CUDA (cudagraph when decoding), cpu on CPU",
+)
+@click.option("--experiment", default="flexbench", show_default=True, help="MLflow experiment")
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+)
+@click.option("--run-name", default=None, help="name of the sweep run")
+@click.option("--resume", is_flag=True, help="skip configs already FINISHED on this stack")
+@click.option(
+    "--journal",
+    default=None,
+    help="offline journal (default: $FLEXBENCH_JOURNAL or .flexbench/journal.jsonl)",
+)
+@click.option("--sweep-id", default=None, help="share one sweep id across shards")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def run(**opts: object) -> None:
+    """Sweep shapes x mods x dtypes: time compiled flex vs SDPA, check, log to MLflow."""
+    from flexbench import sweep as api
+
+    opts["device"] = _default_device(str(opts["device"]))
+    try:
+        outcome = api.run(**opts)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if outcome.records:
+        click.echo(outcome.tables())
+    click.echo(api.closing_line(outcome), err=True)
+    sys.exit(outcome.exit_code)
+
+
+@cli.command("mods")
+def list_mods() -> None:
+    """List built-in mods with their parameter.
+
+    \b
+    Example:
+      flexbench run -mods causal,sliding_window:128,softcap:30
+    """
+    from tabulate import tabulate
+
+    click.echo(tabulate(mods_mod.describe(), headers="keys", tablefmt="github"))
+    click.echo(
+        "\nA parameter goes after a colon (sliding_window:128); a user score_mod is "
+        "named package.module:function."
+    )
+
+
+@cli.command()
+@click.option("--journal", default=None, help="journal to upload (default as for run)")
+@click.option("--tracking-uri", default=None, help="server (default: $MLFLOW_TRACKING_URI)")
+def sync(journal: str | None, tracking_uri: str | None) -> None:
+    """Upload journalled results not yet on the tracking server, exactly once.
+
+    \b
+    Example:
+      MLFLOW_TRACKING_URI=http://mlflow.lan:5000 flexbench sync
+    """
+    from flexbench import tracking
+
+    uri = tracking.resolve_uri(tracking_uri)
+    j = tracking.Journal(journal)
+    if not j.path.exists():
+        raise click.ClickException(f"no journal at {j.path}; pass --journal PATH")
+    try:
+        rep = tracking.sync(j, uri)
+    except tracking.TrackingError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"synced {rep.uploaded} new results ({rep.already} already there) in "
+        f"{rep.sweeps} sweeps to {tracking.redact(uri)}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every error is one line on stderr (exit 2 usage, 1 runtime)."""
+    try:
+        cli.main(args=argv, prog_name="flexbench", standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)

@@ -1,0 +1,186 @@
+"""BenchConfig (one measurement), sweep expansion and a stable config key."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from flexbench import mods
+
+DTYPES = ("float16", "bfloat16", "float32")
+DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+TIMERS = ("auto", "do_bench", "cudagraph", "cpu")
+DEVICES = ("cpu", "cuda")
+KERNEL_OPTION_TYPES = (int, float, bool, str)
+
+
+def _positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a whole number > 0, got {value!r}")
+
+
+def _choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def canonical_kernel_options(options: dict | str | None) -> str:
+    """Kernel options as sorted compact JSON ('' when none), validated."""
+    if not options:
+        return ""
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"kernel_options must be a JSON object: {exc}") from None
+    if not isinstance(options, dict):
+        raise ValueError('kernel_options must be a JSON object like {"BLOCK_M": 64}')
+    for key, value in options.items():
+        if not isinstance(value, KERNEL_OPTION_TYPES):
+            raise ValueError(f"kernel_options[{key}] must be a number, bool or string")
+    return json.dumps(options, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One measurement: shape, dtype, mod and how to compile and time it."""
+
+    batch: int
+    heads: int
+    q_len: int
+    head_dim: int
+    kv_heads: int | None = None
+    kv_len: int | None = None
+    dtype: str = "bfloat16"
+    score_mod: str = "noop"
+    calculate_bwd: bool = False
+    dynamic: bool = False
+    max_autotune: bool = False
+    device: str = "cuda"
+    timer: str = "auto"
+    kernel_options: str = field(default="")
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: fill derived defaults once
+        set_(self, "kv_heads", self.heads if self.kv_heads is None else self.kv_heads)
+        set_(self, "kv_len", self.q_len if self.kv_len is None else self.kv_len)
+        for name in ("batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim"):
+            _positive(name, getattr(self, name))
+        if self.heads % self.kv_heads:
+            raise ValueError(
+                f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})"
+            )
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("timer", self.timer, TIMERS)
+        set_(self, "score_mod", mods.resolve(self.score_mod).name)
+        set_(self, "kernel_options", canonical_kernel_options(self.kernel_options))
+        set_(self, "timer", self._resolved_timer())
+        if self.device == "cpu" and self.timer != "cpu":
+            raise ValueError(f"timer {self.timer!r} needs CUDA; use timer 'cpu' or 'auto'")
+
+    def _resolved_timer(self) -> str:
+        if self.timer != "auto":
+            return self.timer
+        if self.device == "cpu":
+            return "cpu"
+        return "cudagraph" if self.q_len == 1 else "do_bench"
+
+    @property
+    def shape(self) -> str:
+        """`B,H,S,D` as in the seed's table (S = query length)."""
+        return f"{self.batch},{self.heads},{self.q_len},{self.head_dim}"
+
+    @property
+    def kernel_options_dict(self) -> dict:
+        return json.loads(self.kernel_options) if self.kernel_options else {}
+
+    def identity(self) -> dict:
+        """Every field that defines the measurement, as plain JSON values."""
+        return asdict(self)
+
+    def config_key(self) -> str:
+        """Stable hash of the identity: the same config gives the same key everywhere."""
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def run_name(self) -> str:
+        """Readable name, e.g. `causal b8 h16 s4096 d128 bf16`."""
+        parts = [self.score_mod, f"b{self.batch}", f"h{self.heads}"]
+        if self.kv_heads != self.heads:
+            parts.append(f"kvh{self.kv_heads}")
+        parts.append(f"s{self.q_len}")
+        if self.kv_len != self.q_len:
+            parts.append(f"kv{self.kv_len}")
+        parts += [f"d{self.head_dim}", DTYPE_SHORT[self.dtype]]
+        return " ".join(parts)
+
+    def params(self) -> dict[str, str]:
+        """The MLflow contract's child-run params, as strings."""
+        p = {
+            "shape": self.shape,
+            "batch": self.batch,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "q_len": self.q_len,
+            "kv_len": self.kv_len,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "score_mod": self.score_mod,
+            "device": self.device,
+            "calculate_bwd": self.calculate_bwd,
+            "dynamic": self.dynamic,
+            "max_autotune": self.max_autotune,
+            "timer": self.timer,
+        }
+        p.update({f"ko_{k}": v for k, v in self.kernel_options_dict.items()})
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in p.items()}
+
+
+def expand_sweep(
+    batch: Iterable[int],
+    heads: Iterable[int],
+    seq_lens: Iterable[int],
+    head_dims: Iterable[int],
+    score_mods: Iterable[str],
+    dtypes: Iterable[str] = ("bfloat16",),
+    kv_heads: Iterable[int | None] = (None,),
+    kv_lens: Iterable[int | None] = (None,),
+    **common: object,
+) -> list[BenchConfig]:
+    """Cartesian product in the seed's order (b, nh, s, d, mod, dtype), then kv_heads, kv_len."""
+    grid = itertools.product(
+        batch, heads, seq_lens, head_dims, score_mods, dtypes, kv_heads, kv_lens
+    )
+    return [
+        BenchConfig(
+            batch=b,
+            heads=h,
+            q_len=s,
+            head_dim=d,
+            score_mod=m,
+            dtype=t,
+            kv_heads=kvh,
+            kv_len=kvl,
+            **common,
+        )
+        for b, h, s, d, m, t, kvh, kvl in grid
+    ]
+
+
+def shard(configs: Sequence[BenchConfig], index: int, count: int) -> list[BenchConfig]:
+    """The index-th (0-based) of `count` disjoint slices: round-robin, so shards stay balanced."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
+    return list(configs[index::count])
+
+
+def with_options(config: BenchConfig, **changes: object) -> BenchConfig:
+    """A copy with some fields changed (validated again)."""
+    return replace(config, **changes)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(BenchConfig))

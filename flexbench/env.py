@@ -1,0 +1,64 @@
+"""Environment capture: GPU, driver, CUDA, torch, triton, python, flexbench, git sha, host."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+ENV_TAGS = ("gpu", "driver", "cuda", "torch", "triton", "python", "flexbench", "git_sha", "host")
+
+
+def _run(*cmd: str, cwd: str | Path | None = None) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def git_sha(path: str | Path | None = None) -> str:
+    """HEAD of the git checkout at `path` (default: cwd), `+dirty` if modified; '' outside git."""
+    sha = _run("git", "rev-parse", "HEAD", cwd=path)
+    if sha and _run("git", "status", "--porcelain", "--untracked-files=no", cwd=path):
+        sha += "+dirty"
+    return sha
+
+
+def gpu_info(device: str) -> dict[str, str]:
+    """GPU name, driver and CUDA version; empty strings on CPU."""
+    import torch
+
+    if device != "cuda" or not torch.cuda.is_available():
+        return {"gpu": "", "driver": "", "cuda": torch.version.cuda or ""}
+    driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "driver": driver.splitlines()[0] if driver else "",
+        "cuda": torch.version.cuda or "",
+    }
+
+
+def capture(device: str = "cuda") -> dict[str, str]:
+    """Every environment tag of the MLflow contract, as strings ('none' where absent)."""
+    import torch
+
+    tags = {
+        **gpu_info(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+        "flexbench": _version("flexbench"),
+        "git_sha": git_sha(Path(__file__).resolve().parent),
+        "host": socket.gethostname(),
+    }
+    return {k: v or "none" for k, v in tags.items()}

@@ -1,0 +1,376 @@
+"""Run ONE config -> Result: inputs, fair SDPA baseline, compiled flex (cached), check, timings.
+
+Order per config, correct before fast: compile (timed once), check flex (and dQ/dK/dV) against
+a float32 reference (float64 on CPU), peak memory, then interleaved timing of baseline and
+flex. A config that fails the check is never timed; any exception fails that config only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from flexbench import flops, mods, timing
+from flexbench.config import BenchConfig
+
+SEED = 123
+# (atol, rtol) of |flex - reference| <= atol + rtol * max|reference|, per dtype.
+TOLERANCE = {"float32": (1e-3, 1e-3), "float16": (5e-3, 5e-3), "bfloat16": (3e-2, 3e-2)}
+COMPILE_MODES = {False: "default", True: "max-autotune-no-cudagraphs"}
+
+
+@dataclass
+class Result:
+    """One config's outcome: contract metrics, or a one-line error."""
+
+    config: BenchConfig
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    baseline: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def record(self) -> dict:
+        """Plain-JSON form for the journal and tracking (no torch types)."""
+        params = self.config.params()
+        if self.baseline:
+            params["baseline"] = self.baseline
+        return {
+            "config_key": self.config.config_key(),
+            "run_name": self.config.run_name(),
+            "params": params,
+            "metrics": self.metrics,
+            "status": "FINISHED" if self.ok else "FAILED",
+            "error": self.error,
+        }
+
+
+class CheckFailed(Exception):
+    """Compiled flex disagrees with the reference beyond tolerance."""
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of message`, at most 300 characters."""
+    text = str(exc).strip().splitlines()
+    msg = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return msg[:300]
+
+
+def check_runtime(device: str, calculate_bwd: bool) -> None:
+    """Refuse up front what cannot run here, with the fix."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available on this machine; use --device cpu")
+    if device == "cpu" and calculate_bwd:
+        raise RuntimeError(
+            "flex attention backward needs CUDA (torch raises NotImplementedError on CPU); "
+            "drop --calculate-bwd or run on a GPU"
+        )
+
+
+@contextmanager
+def dynamo_settings(dynamic: bool, recompile_limit: int) -> Iterator[None]:
+    """Dynamo settings for the duration of a sweep: a recompile limit that fails loudly."""
+    cfg = torch._dynamo.config
+    wanted = {
+        "recompile_limit": recompile_limit,
+        "accumulated_recompile_limit": max(recompile_limit, 256),
+        "fail_on_recompile_limit_hit": True,
+        "automatic_dynamic_shapes": dynamic,
+    }
+    with cfg.patch({k: v for k, v in wanted.items() if hasattr(cfg, k)}):
+        yield
+
+
+def make_inputs(c: BenchConfig, requires_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as [B,H,S,D] views of [B,S,H,D] storage (the seed's layout), seeded."""
+    gen = torch.Generator(device=c.device).manual_seed(SEED)
+    dtype = getattr(torch, c.dtype)
+
+    def make(length: int, heads: int) -> Tensor:
+        x = torch.randn(
+            c.batch, length, heads, c.head_dim, generator=gen, device=c.device, dtype=dtype
+        )
+        return x.transpose(1, 2).requires_grad_(requires_grad)
+
+    return make(c.q_len, c.heads), make(c.kv_len, c.kv_heads), make(c.kv_len, c.kv_heads)
+
+
+def _expand_kv(t: Tensor, heads: int) -> Tensor:
+    return t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, built: mods.Built, scale: float, b: Tensor
+) -> Tensor:
+    """softmax(transform(scale·QKᵀ) + bias, masked) V, materialised; fully masked rows give 0."""
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    s = (q @ k.transpose(-2, -1)) * scale
+    if built.transform is not None:
+        s = built.transform(s, b)
+    if built.bias is not None:
+        s = s + built.bias.to(s.dtype)
+    if built.mask is not None:
+        s = s.masked_fill(~built.mask, float("-inf"))
+    wide = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else s.dtype
+    p = torch.softmax(s, dim=-1, dtype=wide).nan_to_num(0.0).to(q.dtype)
+    return p @ v
+
+
+def reference(
+    q: Tensor, k: Tensor, v: Tensor, built: mods.Built, scale: float, dout: Tensor | None
+) -> tuple[Tensor, list[Tensor]]:
+    """Output (and dQ, dK, dV when dout is given) in float64 on CPU, float32 on CUDA.
+
+    Computed one batch element at a time to bound memory at long sequences.
+    """
+    ref = torch.float64 if q.device.type == "cpu" else torch.float32
+    outs, grads = [], [[], [], []]
+    for i in range(q.shape[0]):
+        qi, ki, vi = (
+            t[i : i + 1].detach().to(ref).requires_grad_(dout is not None) for t in (q, k, v)
+        )
+        b = torch.full((1, 1, 1, 1), i, device=q.device)
+        out = dense_attention(qi, ki, vi, built, scale, b)
+        if dout is not None:
+            out.backward(dout[i : i + 1].to(ref))
+            for acc, t in zip(grads, (qi, ki, vi)):
+                acc.append(t.grad)
+        outs.append(out.detach())
+    return torch.cat(outs), [torch.cat(g) for g in grads if g]
+
+
+def max_abs_err(actual: Tensor, expected: Tensor) -> float:
+    return (actual.detach().to(expected.dtype) - expected).abs().max().item()
+
+
+def check(actual: list[Tensor], expected: list[Tensor], dtype: str) -> tuple[float, str | None]:
+    """Largest error over output and grads, and why it fails the dtype's tolerance (or None)."""
+    atol, rtol = TOLERANCE[dtype]
+    worst, failure = 0.0, None
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        err, bound = max_abs_err(a, e), atol + rtol * e.abs().max().item()
+        worst = max(worst, err) if not math.isnan(err) else math.inf
+        if failure is None and not err <= bound:  # `not <=` also catches NaN
+            failure = f"correctness check failed: {name} max_abs_err {err:.3g} > {bound:.3g}"
+    return worst, failure
+
+
+def sdpa_baseline(
+    q: Tensor, k: Tensor, v: Tensor, built: mods.Built, scale: float
+) -> Callable[[], Tensor]:
+    """SDPA (or eager math for non-additive mods) computing the same function as flex."""
+    gqa = q.shape[1] != k.shape[1]
+    if built.transform is not None:
+        b = torch.arange(q.shape[0], device=q.device).view(-1, 1, 1, 1)
+        return lambda: dense_attention(q, k, v, built, scale, b)
+    mask = built.mask
+    if built.bias is not None:
+        mask = built.bias.to(q.dtype)
+        if built.mask is not None:
+            mask = mask.masked_fill(~built.mask, float("-inf"))
+    if built.sdpa_is_causal:
+        mask = None
+    kwargs = {"enable_gqa": True} if gqa else {}
+    return lambda: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=built.sdpa_is_causal, scale=scale, **kwargs
+    )
+
+
+def block_density(block_mask: BlockMask | None) -> float:
+    """Fraction of score blocks flex computes (partial and full); 1.0 without a mask."""
+    if block_mask is None:
+        return 1.0
+    computed = block_mask.kv_num_blocks.sum().item()
+    if block_mask.full_kv_num_blocks is not None:
+        computed += block_mask.full_kv_num_blocks.sum().item()
+    q_blocks, kv_blocks = (
+        math.ceil(n / b) for n, b in zip(block_mask.seq_lengths, block_mask.BLOCK_SIZE)
+    )
+    return computed / (block_mask.kv_num_blocks.numel() * q_blocks * kv_blocks)
+
+
+class Bench:
+    """Per-sweep state: compiled flex callables and BlockMasks, reused across configs."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[tuple, Callable] = {}
+        self._masks: dict[tuple, BlockMask] = {}
+
+    def compiled(self, c: BenchConfig) -> Callable:
+        """One torch.compile(flex_attention) per (dynamic, max_autotune, kernel options)."""
+        key = (c.dynamic, c.max_autotune, c.kernel_options)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(
+                flex_attention, dynamic=c.dynamic, mode=COMPILE_MODES[c.max_autotune]
+            )
+        return self._compiled[key]
+
+    def block_mask(self, c: BenchConfig, built: mods.Built) -> BlockMask | None:
+        """BlockMask for the mod's mask_mod, built once per (mod, lengths, device)."""
+        if built.mask_mod is None:
+            return None
+        key = (c.score_mod, c.q_len, c.kv_len, c.device)
+        if key not in self._masks:
+            self._masks[key] = create_block_mask(
+                built.mask_mod, None, None, c.q_len, c.kv_len, device=c.device
+            )
+        return self._masks[key]
+
+    def run(self, c: BenchConfig) -> Result:
+        """Measure one config; any exception becomes a failed Result with a one-line reason."""
+        result = Result(c)
+        try:
+            measure(c, self, result)
+        except (Exception, torch.OutOfMemoryError) as exc:  # noqa: BLE001 - isolate configs
+            result.error = one_line(exc)
+        finally:
+            if c.device == "cuda":
+                torch.cuda.empty_cache()
+        return result
+
+
+def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
+    """Fill `result` for config `c` (raises on failure; Bench.run isolates it)."""
+    built = mods.resolve(c.score_mod).build(mods.Dims(c.heads, c.q_len, c.kv_len, c.device))
+    result.baseline = built.baseline
+    block_mask = bench.block_mask(c, built)
+    q, k, v = make_inputs(c, requires_grad=c.calculate_bwd)
+    scale = 1.0 / math.sqrt(c.head_dim)
+    flex = _flex_call(bench.compiled(c), q, k, v, built, block_mask, scale, c)
+    eager = sdpa_baseline(q, k, v, built, scale)
+    density = block_density(block_mask)
+    m = result.metrics
+    m["sparsity"] = 1.0 - density
+    torch.manual_seed(SEED)
+    dout = torch.randn_like(q) if c.calculate_bwd else None
+    outs, m["compile_s"] = _first_calls(flex, dout, c, (q, k, v))
+    expected_out, expected_grads = reference(q, k, v, built, scale, dout)
+    with torch.no_grad():
+        m["baseline_max_abs_err"] = max_abs_err(eager(), expected_out)
+    m["max_abs_err"], failure = check(outs, [expected_out, *expected_grads], c.dtype)
+    if failure:
+        raise CheckFailed(f"{failure} ({c.dtype}); not timed")
+    if c.device == "cuda":
+        m["peak_mem_mb"] = _peak_mem_mb(flex, dout)
+    fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, density)
+    with torch.no_grad():
+        _record("fwd", m, *timing.time_pair(c.timer, eager, flex), fwd_flops)
+    if c.calculate_bwd:
+        bwd = _backward_pair(eager, flex, dout)
+        _record(
+            "bwd",
+            m,
+            *timing.time_pair(c.timer, *bwd, grads=(q, k, v)),
+            flops.backward_flops(fwd_flops),
+        )
+    if c.q_len == 1:
+        nbytes = flops.kv_bytes(c.batch, c.kv_heads, c.kv_len, c.head_dim, q.element_size())
+        m["fwd_eager_tbps"] = flops.tbps(nbytes, m["fwd_eager_us"])
+        m["fwd_compiled_tbps"] = flops.tbps(nbytes, m["fwd_compiled_us"])
+
+
+def _flex_call(
+    compiled: Callable,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    built: mods.Built,
+    block_mask: BlockMask | None,
+    scale: float,
+    c: BenchConfig,
+) -> Callable[[], Tensor]:
+    kwargs = {"enable_gqa": True} if c.kv_heads != c.heads else {}
+    if c.kernel_options:
+        kwargs["kernel_options"] = c.kernel_options_dict
+    return lambda: compiled(
+        q, k, v, score_mod=built.score_mod, block_mask=block_mask, scale=scale, **kwargs
+    )
+
+
+def _first_calls(
+    flex: Callable[[], Tensor], dout: Tensor | None, c: BenchConfig, inputs: tuple[Tensor, ...]
+) -> tuple[list[Tensor], float]:
+    """First (compiling) calls, timed: the forward output, and dQ/dK/dV when dout is given."""
+    with torch.no_grad():
+        out, seconds = timing.timed_call(flex, c.device)
+    if dout is None:
+        return [out], seconds
+    out_grad, fwd_s = timing.timed_call(flex, c.device)
+    _, bwd_s = timing.timed_call(lambda: out_grad.backward(dout), c.device)
+    grads = [t.grad.detach().clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    return [out, *grads], seconds + fwd_s + bwd_s
+
+
+def _peak_mem_mb(flex: Callable[[], Tensor], dout: Tensor | None) -> float:
+    """Peak CUDA memory of one flex forward (+ backward), outside any timed region."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    if dout is None:
+        with torch.no_grad():
+            flex()
+    else:
+        flex().backward(dout)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def _backward_pair(
+    eager: Callable[[], Tensor], flex: Callable[[], Tensor], dout: Tensor
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Backward alone: the forward graph is built once and kept (retain_graph)."""
+    out_e, out_f = eager(), flex()
+    return (
+        lambda: out_e.backward(dout, retain_graph=True),
+        lambda: out_f.backward(dout, retain_graph=True),
+    )
+
+
+def _record(
+    kind: str, m: dict[str, float], eager: timing.Timing, flex: timing.Timing, work: float
+) -> None:
+    for name, t in (("eager", eager), ("compiled", flex)):
+        m[f"{kind}_{name}_us"] = t.median_us
+        m[f"{kind}_{name}_us_p20"] = t.p20_us
+        m[f"{kind}_{name}_us_p80"] = t.p80_us
+        m[f"{kind}_{name}_tflops"] = flops.tflops(work, t.median_us)
+    m[f"{kind}_speedup"] = flops.speedup(eager.median_us, flex.median_us)
+
+
+def recompile_limit(n_configs: int) -> int:
+    """Room for every config's graphs (no-grad forward, grad forward) plus a margin."""
+    return 8 + 2 * n_configs
+
+
+def run_sweep(
+    configs: Iterable[BenchConfig],
+    on_result: Callable[[Result], None] | None = None,
+    progress: bool = True,
+) -> list[Result]:
+    """Measure every config, isolating failures; `on_result` sees each Result as it lands."""
+    from tqdm import tqdm
+
+    configs = list(configs)
+    for device, bwd in {(c.device, c.calculate_bwd) for c in configs}:
+        check_runtime(device, bwd)
+    bench, results = Bench(), []
+    dynamic = any(c.dynamic for c in configs)
+    with dynamo_settings(dynamic, recompile_limit(len(configs))):
+        bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")
+        for c in bar:
+            bar.set_description(c.run_name())
+            results.append(bench.run(c))
+            if on_result is not None:
+                on_result(results[-1])
+    return results

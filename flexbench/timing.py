@@ -1,0 +1,113 @@
+"""Timers: CUDA (triton do_bench), CUDA graph replay (do_bench_cudagraph), CPU (perf_counter).
+
+Each timer returns `Timing`: the median and 20th/80th percentiles in µs over all samples of
+`ROUNDS` rounds. Callers interleave rounds of the baseline and flex (`time_pair`), so a clock or
+thermal drift hits both alike instead of biasing one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flexbench.flops import quantile
+
+WARMUP_CALLS = 5  # eager calls before any timing (allocator, cuDNN/cuBLAS heuristics)
+ROUNDS = 3  # interleaved rounds of baseline and flex
+DO_BENCH_WARMUP_MS = 25
+DO_BENCH_REP_MS = 60
+CUDAGRAPH_REP_MS = 40
+CPU_REPEATS = 5  # per round on CPU
+QUANTILES = (0.2, 0.5, 0.8)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and spread of one timed function, µs."""
+
+    median_us: float
+    p20_us: float
+    p80_us: float
+    samples: int
+
+    @classmethod
+    def from_ms(cls, samples_ms: Sequence[float]) -> Timing:
+        us = [s * 1e3 for s in samples_ms]
+        p20, p50, p80 = (quantile(us, q) for q in QUANTILES)
+        return cls(p50, p20, p80, len(us))
+
+
+def _cpu_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> list[float]:
+    out = []
+    for _ in range(CPU_REPEATS):
+        for g in grads:
+            g.grad = None
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def _do_bench_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> list[float]:
+    from triton.testing import do_bench
+
+    return do_bench(
+        fn,
+        warmup=DO_BENCH_WARMUP_MS,
+        rep=DO_BENCH_REP_MS,
+        grad_to_none=list(grads) or None,
+        return_mode="all",
+    )
+
+
+def _cudagraph_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> list[float]:
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(
+        fn, rep=CUDAGRAPH_REP_MS, grad_to_none=list(grads) or None, return_mode="all"
+    )
+
+
+SAMPLERS = {"cpu": _cpu_samples, "do_bench": _do_bench_samples, "cudagraph": _cudagraph_samples}
+
+
+def warm_up(fn: Callable[[], object], device: str) -> None:
+    """Run `fn` a few times untimed and wait for the device."""
+    for _ in range(WARMUP_CALLS):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_pair(
+    timer: str,
+    baseline: Callable[[], object],
+    flex: Callable[[], object],
+    grads: Sequence[torch.Tensor] = (),
+    rounds: int = ROUNDS,
+) -> tuple[Timing, Timing]:
+    """Time baseline and flex in interleaved rounds; grads are set to None before every call."""
+    sample = SAMPLERS[timer]
+    device = "cpu" if timer == "cpu" else "cuda"
+    warm_up(baseline, device)
+    warm_up(flex, device)
+    base_ms: list[float] = []
+    flex_ms: list[float] = []
+    for _ in range(rounds):
+        base_ms += sample(baseline, grads)
+        flex_ms += sample(flex, grads)
+    return Timing.from_ms(base_ms), Timing.from_ms(flex_ms)
+
+
+def timed_call(fn: Callable[[], object], device: str) -> tuple[object, float]:
+    """Call `fn` once, synchronized: (result, seconds). Used for compile time."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start

@@ -1,0 +1,444 @@
+"""MLflow side: sweep (parent) run, config (child) runs, journal, resume, sync.
+
+Knows nothing of torch: it logs plain records (`Result.record()` plus bookkeeping). Every
+record reaches the local journal before MLflow; a tracking failure turns the `Tracker` offline
+(one warning) and `sync` later uploads what is missing, exactly once per tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flexbench import report
+
+SWEEP_ID_TAG = "flexbench.sweep_id"
+CONFIG_KEY_TAG = "flexbench.config_key"
+RECORD_ID_TAG = "flexbench.record_id"
+PART_TAG = "flexbench.part_id"  # one per process: shards of a sweep share sweep_id, not part_id
+KIND_TAG = "flexbench.kind"
+ERROR_TAG = "flexbench.error"
+PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+RESUME_MATCH = ("torch", "triton", "gpu")
+DEFAULT_JOURNAL = Path(".flexbench") / "journal.jsonl"
+# Fail fast against a dead server instead of MLflow's 7 retries with exponential backoff.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+PAGE = 1000
+
+
+class TrackingError(Exception):
+    """The tracking server could not be used; the message is one line, secrets redacted."""
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+def redact(text: str) -> str:
+    """Remove URL credentials and the values of secret environment variables from text."""
+    text = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+    for name in SECRET_ENV:
+        secret = os.environ.get(name)
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def resolve_uri(uri: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
+    import mlflow
+
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+def describe_failure(exc: BaseException, uri: str) -> str:
+    """One line naming what went wrong with the tracking server and how to fix it."""
+    text = redact(" ".join(str(exc).split()))
+    where = redact(uri)
+    if re.search(r"\b401\b|unauthori[sz]ed|not authenticated", text, re.I):
+        return (
+            f"authentication failed at {where}: check MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD"
+        )
+    if re.search(r"\b403\b|permission", text, re.I):
+        return f"permission denied at {where}: ask the server admin for EDIT on the experiment"
+    if re.search(r"connect|refused|max retries|timed? ?out|resolve", text, re.I):
+        return f"tracking server unreachable at {where}: start it or fix --tracking-uri"
+    return f"tracking failed at {where}: {text[:200]}"
+
+
+@contextmanager
+def fast_http() -> Iterator[None]:
+    """MLflow HTTP retry settings that fail within seconds, unless the user set their own."""
+    added = [k for k in HTTP_DEFAULTS if k not in os.environ]
+    os.environ.update({k: HTTP_DEFAULTS[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+# --- journal ---------------------------------------------------------------------------------
+
+
+def journal_path(path: str | Path | None = None) -> Path:
+    """--journal, else FLEXBENCH_JOURNAL, else ./.flexbench/journal.jsonl."""
+    return Path(path or os.environ.get("FLEXBENCH_JOURNAL") or DEFAULT_JOURNAL)
+
+
+class Journal:
+    """Append-only JSONL: `sweep` and `result` entries, and `synced` marks per server."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = journal_path(path)
+
+    def append(self, entry: dict) -> None:
+        """Write one entry and force it to disk before returning."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def entries(self) -> list[dict]:
+        """Every complete entry (a torn last line from a crash is skipped)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def mark_synced(self, record_id: str, target: str, run_id: str) -> None:
+        self.append({"type": "synced", "record_id": record_id, "target": target, "run_id": run_id})
+
+
+def target_id(uri: str) -> str:
+    """The identity of a tracking server for synced marks (credentials removed)."""
+    return redact(uri)
+
+
+# --- MLflow ----------------------------------------------------------------------------------
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client, name: str) -> str:
+    """Get or create the experiment (safe when several processes race to create it)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get("mlflow.experimentKind") is None:
+        client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return exp.experiment_id
+
+
+def search_all(client, experiment_ids: list[str], filter_string: str = "") -> Iterator:
+    """Every run matching the filter, page by page."""
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=PAGE, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def batch(
+    metrics: dict[str, float], params: dict[str, str], tags: dict[str, str], timestamp_ms: int
+) -> tuple[list, list, list]:
+    from mlflow.entities import Metric, Param, RunTag
+
+    return (
+        [Metric(k, float(v), timestamp_ms, 0) for k, v in metrics.items()],
+        [Param(k, str(v)) for k, v in params.items()],
+        [RunTag(k, str(v)) for k, v in tags.items()],
+    )
+
+
+def log_child(client, exp_id: str, parent_id: str, entry: dict) -> str:
+    """One config's run: create, one log_batch, terminate. Returns its run id."""
+    tags = {
+        **entry["tags"],
+        PARENT_TAG: parent_id,
+        SWEEP_ID_TAG: entry["sweep_id"],
+        PART_TAG: entry["part_id"],
+        CONFIG_KEY_TAG: entry["config_key"],
+        RECORD_ID_TAG: entry["record_id"],
+        KIND_TAG: "config",
+    }
+    if entry.get("error"):
+        tags[ERROR_TAG] = redact(entry["error"])
+    run = client.create_run(
+        exp_id, start_time=entry["start_ms"], tags=tags, run_name=entry["run_name"]
+    )
+    metrics, params, _ = batch(entry["metrics"], entry["params"], {}, entry["end_ms"])
+    client.log_batch(run.info.run_id, metrics=metrics, params=params)
+    client.set_terminated(run.info.run_id, entry["status"], end_time=entry["end_ms"])
+    return run.info.run_id
+
+
+def existing_run(client, exp_id: str, tag: str, value: str, more: str = "") -> str | None:
+    """Run id of a run in the experiment carrying tag=value (and the `more` clause), if any."""
+    runs = client.search_runs([exp_id], f"tags.`{tag}` = {quote(value)}{more}", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_sweep_run(client, exp_id: str, sweep: dict) -> str:
+    """The sweep run: MLFLOW_RUN_ID's run under `mlflow run`, else a new top-level run."""
+    run_id = sweep.get("run_id") or existing_run(
+        client, exp_id, PART_TAG, sweep["part_id"], f" and tags.`{KIND_TAG}` = 'sweep'"
+    )
+    if run_id is None:
+        run_id = client.create_run(
+            exp_id, start_time=sweep["start_ms"], run_name=sweep["run_name"]
+        ).info.run_id
+    tags = {
+        **sweep["tags"],
+        SWEEP_ID_TAG: sweep["sweep_id"],
+        PART_TAG: sweep["part_id"],
+        KIND_TAG: "sweep",
+    }
+    existing = client.get_run(run_id).data.params
+    params = {k: v for k, v in sweep["params"].items() if k not in existing}
+    _, p, t = batch({}, params, tags, sweep["start_ms"])
+    client.log_batch(run_id, params=p, tags=t)
+    return run_id
+
+
+def finish_sweep_run(
+    client, run_id: str, results: list[dict], terminate: bool, end_ms: int | None = None
+) -> None:
+    """Aggregates, summary artifacts and description on the sweep run."""
+    rows = [report.row_from_record(r) for r in results]
+    metrics = report.sweep_metrics(rows)
+    markdown = report.summary_markdown(rows)
+    end_ms = end_ms or int(time.time() * 1000)
+    m, _, t = batch(metrics, {}, {NOTE_TAG: markdown}, end_ms)
+    client.log_batch(run_id, metrics=m, tags=t)
+    client.log_text(run_id, markdown, "summary.md")
+    client.log_text(run_id, report.to_csv(rows), "results.csv")
+    figure = report.speedup_figure(rows)
+    if figure is not None:
+        client.log_figure(run_id, figure, "speedup.png")
+        report.close(figure)
+    if terminate:
+        failed = metrics.get("configs_failed", 0) > 0
+        client.set_terminated(run_id, "FAILED" if failed else "FINISHED", end_time=end_ms)
+
+
+def resume_keys(client, exp_id: str, env: dict[str, str]) -> set[str]:
+    """Config keys with a FINISHED config run under the same torch, triton and GPU."""
+    clauses = ["attributes.status = 'FINISHED'", f"tags.`{KIND_TAG}` = 'config'"]
+    clauses += [f"tags.`{k}` = {quote(env[k])}" for k in RESUME_MATCH]
+    runs = search_all(client, [exp_id], " and ".join(clauses))
+    return {r.data.tags[CONFIG_KEY_TAG] for r in runs if CONFIG_KEY_TAG in r.data.tags}
+
+
+# --- one sweep -------------------------------------------------------------------------------
+
+
+@dataclass
+class Tracker:
+    """Logs one sweep to MLflow; after the first failure it goes offline and only journals."""
+
+    uri: str
+    experiment: str
+    journal: Journal
+    offline: str | None = None
+    client: object = None
+    exp_id: str = ""
+    run_id: str = ""
+    under_mlflow_run: bool = False
+    logged: int = 0
+    tracking_s: float = 0.0
+    _sweep: dict = field(default_factory=dict)
+
+    def _call(self, fn, *args) -> object:
+        """Run one tracking step; on failure remember why and go offline."""
+        if self.offline:
+            return None
+        start = time.perf_counter()
+        try:
+            with fast_http():
+                return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - any failure means: keep measuring, journal
+            self.offline = describe_failure(exc, self.uri)
+            return None
+        finally:
+            self.tracking_s += time.perf_counter() - start
+
+    def connect(self) -> bool:
+        """Reach the server and the experiment (the run's own under `mlflow run`)."""
+
+        def go() -> None:
+            self.client = client_for(self.uri)
+            parent = os.environ.get("MLFLOW_RUN_ID")
+            if parent:
+                self.under_mlflow_run = True
+                self.run_id = parent
+                self.exp_id = self.client.get_run(parent).info.experiment_id
+            else:
+                self.exp_id = experiment_id(self.client, self.experiment)
+
+        self._call(go)
+        return not self.offline
+
+    def resume_keys(self, env: dict[str, str]) -> set[str] | None:
+        keys = self._call(resume_keys, self.client, self.exp_id, env)
+        return None if keys is None else set(keys)
+
+    def start(self, sweep: dict) -> None:
+        """Journal the sweep entry, then create (or adopt) the sweep run."""
+        sweep = {**sweep, "run_id": self.run_id or None}
+        self._sweep = sweep
+        self.journal.append({"type": "sweep", **sweep})
+        run_id = self._call(start_sweep_run, self.client, self.exp_id, sweep)
+        if run_id:
+            self.run_id = run_id
+
+    def log(self, entry: dict) -> None:
+        """Journal one result entry (flushed), then log it as a child run."""
+        self.journal.append(entry)
+        run_id = self._call(log_child, self.client, self.exp_id, self.run_id, entry)
+        if run_id:
+            self.journal.mark_synced(entry["record_id"], target_id(self.uri), run_id)
+            self.logged += 1
+
+    def finish(self, entries: list[dict]) -> None:
+        self._call(finish_sweep_run, self.client, self.run_id, entries, not self.under_mlflow_run)
+
+
+def result_entry(
+    record: dict, sweep: dict, tags: dict[str, str], start_ms: int, end_ms: int
+) -> dict:
+    """A journal `result` entry: the record plus what sync needs to log it later."""
+    return {
+        "type": "result",
+        "record_id": uuid.uuid4().hex,
+        "sweep_id": sweep["sweep_id"],
+        "part_id": sweep["part_id"],
+        "experiment": sweep["experiment"],
+        "tags": tags,
+        "start_ms": start_ms,
+        "end_ms": end_ms,
+        **record,
+    }
+
+
+# --- sync ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncReport:
+    uploaded: int = 0
+    already: int = 0
+    sweeps: int = 0
+
+
+def pending(entries: Iterable[dict], target: str) -> tuple[dict[str, dict], list[dict]]:
+    """Sweep entries by part id, and result entries not yet marked synced to `target`."""
+    entries = list(entries)
+    done = {e["record_id"] for e in entries if e["type"] == "synced" and e["target"] == target}
+    sweeps = {e["part_id"]: e for e in entries if e["type"] == "sweep"}
+    todo = [e for e in entries if e["type"] == "result" and e["record_id"] not in done]
+    return sweeps, todo
+
+
+def sync(journal: Journal, uri: str) -> SyncReport:
+    """Log every journalled result not yet on this server, exactly once; raises TrackingError."""
+    target = target_id(uri)
+    sweeps, todo = pending(journal.entries(), target)
+    out = SyncReport()
+    try:
+        with fast_http():
+            _sync(client_for(uri), journal, target, sweeps, todo, out)
+    except TrackingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line for the CLI
+        raise TrackingError(describe_failure(exc, uri)) from None
+    return out
+
+
+def _sync(
+    client,
+    journal: Journal,
+    target: str,
+    sweeps: dict[str, dict],
+    todo: list[dict],
+    out: SyncReport,
+) -> None:
+    by_part: dict[str, list[dict]] = {}
+    for entry in todo:
+        by_part.setdefault(entry["part_id"], []).append(entry)
+    all_results = [e for e in journal.entries() if e["type"] == "result"]
+    for part_id, entries in by_part.items():
+        sweep = sweeps.get(part_id) or _orphan_sweep(entries[0])
+        exp_id = _sync_experiment(client, sweep)
+        parent = start_sweep_run(client, exp_id, sweep)
+        out.sweeps += 1
+        for entry in entries:
+            run_id = existing_run(client, exp_id, RECORD_ID_TAG, entry["record_id"])
+            if run_id is None:
+                run_id = log_child(client, exp_id, parent, entry)
+                out.uploaded += 1
+            else:
+                out.already += 1
+            journal.mark_synced(entry["record_id"], target, run_id)
+        mine = [e for e in all_results if e["part_id"] == part_id]
+        finish_sweep_run(client, parent, mine, terminate=not sweep.get("run_id"))
+
+
+def _sync_experiment(client, sweep: dict) -> str:
+    if sweep.get("run_id"):
+        try:
+            return client.get_run(sweep["run_id"]).info.experiment_id
+        except Exception:  # noqa: BLE001 - that run is not on this server: use the name
+            sweep["run_id"] = None
+    return experiment_id(client, sweep["experiment"])
+
+
+def _orphan_sweep(entry: dict) -> dict:
+    """A sweep entry for results whose sweep entry is missing from the journal."""
+    return {
+        "sweep_id": entry["sweep_id"],
+        "part_id": entry["part_id"],
+        "experiment": entry["experiment"],
+        "params": {},
+        "tags": entry["tags"],
+        "run_name": f"sweep {entry['sweep_id']}",
+        "start_ms": entry["start_ms"],
+        "run_id": None,
+    }
