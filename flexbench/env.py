@@ -34,6 +34,13 @@ def git_sha(path: str | Path | None = None) -> str:
     return sha
 
 
+def checkout() -> Path | None:
+    """flexbench's own git checkout (an editable install), else None: a wheel installed into
+    a virtualenv inside some other repository must not report that repository's sha."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / ".git").exists() and (root / "pyproject.toml").exists() else None
+
+
 def gpu_info(device: str) -> dict[str, str]:
     """GPU name, driver and CUDA version; empty strings on CPU."""
     import torch
@@ -58,7 +65,7 @@ def capture(device: str = "cuda") -> dict[str, str]:
         "triton": _version("triton"),
         "python": platform.python_version(),
         "flexbench": _version("flexbench"),
-        "git_sha": git_sha(Path(__file__).resolve().parent),
+        "git_sha": git_sha(source) if (source := checkout()) else "",
         "host": socket.gethostname(),
     }
     return {k: v or "none" for k, v in tags.items()}

@@ -58,8 +58,12 @@ def run_sweep(
     sweep_params: dict[str, str] | None = None,
     progress: bool = True,
     warn: Callable[[str], None] = print,
+    on_result: Callable[[dict], None] | None = None,
 ) -> Outcome:
-    """Measure, journal and log every config under one sweep run; never loses a result."""
+    """Measure, journal and log every config under one sweep run; never loses a result.
+
+    `on_result` sees each journal entry once it is journalled and (if online) logged.
+    """
     start = time.perf_counter()
     uri = tracking.resolve_uri(tracking_uri)
     tracker = tracking.Tracker(uri, experiment, tracking.Journal(journal))
@@ -80,15 +84,17 @@ def run_sweep(
     _warn_offline(tracker, out, warn)
     last = [sweep["start_ms"]]
 
-    def on_result(result: measure.Result) -> None:
+    def log_result(result: measure.Result) -> None:
         end = now_ms()
         entry = tracking.result_entry(result.record(), sweep, tags, last[0], end)
         last[0] = end
         tracker.log(entry)
         out.records.append(entry)
         _warn_offline(tracker, out, warn)
+        if on_result is not None:
+            on_result(entry)
 
-    measure.run_sweep(configs, on_result, progress=progress)
+    measure.run_sweep(configs, log_result, progress=progress)
     tracker.finish(out.records)
     _warn_offline(tracker, out, warn)
     out.run_id, out.tracking_s = tracker.run_id, tracker.tracking_s

@@ -31,11 +31,15 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RESUME_MATCH = ("torch", "triton", "gpu")
 DEFAULT_JOURNAL = Path(".flexbench") / "journal.jsonl"
 # Fail fast against a dead server instead of MLflow's 7 retries with exponential backoff.
+# MLflow parses the factor and the timeout as whole numbers: 2 retries, 0 s then ~2 s apart.
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.2",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
+HTTP_FORCED = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+NOTE_MAX_CHARS = 7900  # MLflow rejects tag values over 8000 characters
 SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 PAGE = 1000
 
@@ -82,14 +86,19 @@ def describe_failure(exc: BaseException, uri: str) -> str:
 
 @contextmanager
 def fast_http() -> Iterator[None]:
-    """MLflow HTTP retry settings that fail within seconds, unless the user set their own."""
-    added = [k for k in HTTP_DEFAULTS if k not in os.environ]
-    os.environ.update({k: HTTP_DEFAULTS[k] for k in added})
+    """MLflow HTTP retry settings that fail within seconds (unless the user set their own),
+    and no "View run at <tracking URI>" lines: that URI may hold credentials."""
+    saved = {k: os.environ.get(k) for k in (*HTTP_DEFAULTS, *HTTP_FORCED)}
+    os.environ.update({k: v for k, v in HTTP_DEFAULTS.items() if saved[k] is None})
+    os.environ.update(HTTP_FORCED)
     try:
         yield
     finally:
-        for k in added:
-            os.environ.pop(k, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --- journal ---------------------------------------------------------------------------------
@@ -129,6 +138,10 @@ class Journal:
     def mark_synced(self, record_id: str, target: str, run_id: str) -> None:
         self.append({"type": "synced", "record_id": record_id, "target": target, "run_id": run_id})
 
+    def mark_finished(self, part_id: str, target: str, run_id: str) -> None:
+        """The sweep run of `part_id` got its aggregates and artifacts on `target`."""
+        self.append({"type": "finished", "part_id": part_id, "target": target, "run_id": run_id})
+
 
 def target_id(uri: str) -> str:
     """The identity of a tracking server for synced marks (credentials removed)."""
@@ -156,9 +169,18 @@ def experiment_id(client, name: str) -> str:
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"experiment '{name}' is deleted: restore it in the MLflow UI or pass --experiment"
+        )
+    tag_experiment_kind(client, exp)
+    return exp.experiment_id
+
+
+def tag_experiment_kind(client, exp) -> None:
+    """Open the experiment on its runs table in MLflow 3's UI (not the GenAI overview)."""
     if exp.tags.get("mlflow.experimentKind") is None:
         client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
-    return exp.experiment_id
 
 
 def search_all(client, experiment_ids: list[str], filter_string: str = "") -> Iterator:
@@ -204,38 +226,63 @@ def log_child(client, exp_id: str, parent_id: str, entry: dict) -> str:
     run = client.create_run(
         exp_id, start_time=entry["start_ms"], tags=tags, run_name=entry["run_name"]
     )
-    metrics, params, _ = batch(entry["metrics"], entry["params"], {}, entry["end_ms"])
-    client.log_batch(run.info.run_id, metrics=metrics, params=params)
-    client.set_terminated(run.info.run_id, entry["status"], end_time=entry["end_ms"])
+    complete_child(client, run.info.run_id, entry)
     return run.info.run_id
+
+
+def complete_child(client, run_id: str, entry: dict) -> None:
+    """Params and metrics in one log_batch, then the final status (safe to repeat)."""
+    metrics, params, _ = batch(entry["metrics"], entry["params"], {}, entry["end_ms"])
+    client.log_batch(run_id, metrics=metrics, params=params)
+    client.set_terminated(run_id, entry["status"], end_time=entry["end_ms"])
+
+
+def find_run(client, exp_id: str, tag: str, value: str, more: str = ""):
+    """A run in the experiment carrying tag=value (and the `more` clause), or None."""
+    runs = client.search_runs([exp_id], f"tags.`{tag}` = {quote(value)}{more}", max_results=1)
+    return runs[0] if runs else None
 
 
 def existing_run(client, exp_id: str, tag: str, value: str, more: str = "") -> str | None:
     """Run id of a run in the experiment carrying tag=value (and the `more` clause), if any."""
-    runs = client.search_runs([exp_id], f"tags.`{tag}` = {quote(value)}{more}", max_results=1)
-    return runs[0].info.run_id if runs else None
+    run = find_run(client, exp_id, tag, value, more)
+    return run.info.run_id if run else None
 
 
 def start_sweep_run(client, exp_id: str, sweep: dict) -> str:
-    """The sweep run: MLFLOW_RUN_ID's run under `mlflow run`, else a new top-level run."""
-    run_id = sweep.get("run_id") or existing_run(
-        client, exp_id, PART_TAG, sweep["part_id"], f" and tags.`{KIND_TAG}` = 'sweep'"
-    )
-    if run_id is None:
-        run_id = client.create_run(
-            exp_id, start_time=sweep["start_ms"], run_name=sweep["run_name"]
-        ).info.run_id
+    """The sweep run: MLFLOW_RUN_ID's run under `mlflow run`, else a new top-level run.
+
+    Its tags go in with `create_run`, so a later `sync` finds it even if the server died
+    right after; a sweep run that already exists (by part id) is reused, never duplicated.
+    """
     tags = {
         **sweep["tags"],
         SWEEP_ID_TAG: sweep["sweep_id"],
         PART_TAG: sweep["part_id"],
         KIND_TAG: "sweep",
     }
-    existing = client.get_run(run_id).data.params
+    run_id = sweep.get("run_id") or existing_run(
+        client, exp_id, PART_TAG, sweep["part_id"], f" and tags.`{KIND_TAG}` = 'sweep'"
+    )
+    if run_id is None:
+        run = client.create_run(
+            exp_id, start_time=sweep["start_ms"], tags=tags, run_name=sweep["run_name"]
+        )
+        run_id, existing = run.info.run_id, {}
+    else:
+        existing = client.get_run(run_id).data.params
     params = {k: v for k, v in sweep["params"].items() if k not in existing}
     _, p, t = batch({}, params, tags, sweep["start_ms"])
     client.log_batch(run_id, params=p, tags=t)
     return run_id
+
+
+def description(markdown: str) -> str:
+    """The run description: the summary, cut to what MLflow accepts as a tag value."""
+    if len(markdown) <= NOTE_MAX_CHARS:
+        return markdown
+    cut = markdown[: NOTE_MAX_CHARS - 100].rsplit("\n", 1)[0]
+    return cut + "\n\n*(table truncated: the full summary is the artifact summary.md)*\n"
 
 
 def finish_sweep_run(
@@ -246,7 +293,7 @@ def finish_sweep_run(
     metrics = report.sweep_metrics(rows)
     markdown = report.summary_markdown(rows)
     end_ms = end_ms or int(time.time() * 1000)
-    m, _, t = batch(metrics, {}, {NOTE_TAG: markdown}, end_ms)
+    m, _, t = batch(metrics, {}, {NOTE_TAG: description(markdown)}, end_ms)
     client.log_batch(run_id, metrics=m, tags=t)
     client.log_text(run_id, markdown, "summary.md")
     client.log_text(run_id, report.to_csv(rows), "results.csv")
@@ -310,6 +357,7 @@ class Tracker:
                 self.under_mlflow_run = True
                 self.run_id = parent
                 self.exp_id = self.client.get_run(parent).info.experiment_id
+                tag_experiment_kind(self.client, self.client.get_experiment(self.exp_id))
             else:
                 self.exp_id = experiment_id(self.client, self.experiment)
 
@@ -338,7 +386,10 @@ class Tracker:
             self.logged += 1
 
     def finish(self, entries: list[dict]) -> None:
+        """Aggregates and artifacts on the sweep run (not ended under `mlflow run`)."""
         self._call(finish_sweep_run, self.client, self.run_id, entries, not self.under_mlflow_run)
+        if not self.offline:
+            self.journal.mark_finished(self._sweep["part_id"], target_id(self.uri), self.run_id)
 
 
 def result_entry(
@@ -368,23 +419,36 @@ class SyncReport:
     sweeps: int = 0
 
 
-def pending(entries: Iterable[dict], target: str) -> tuple[dict[str, dict], list[dict]]:
-    """Sweep entries by part id, and result entries not yet marked synced to `target`."""
+def pending(entries: Iterable[dict], target: str) -> tuple[dict[str, dict], list[dict], set[str]]:
+    """Sweep entries by part id, result entries not yet synced to `target`, and the part ids
+    whose sweep run was never finished there."""
     entries = list(entries)
     done = {e["record_id"] for e in entries if e["type"] == "synced" and e["target"] == target}
+    finished = {e["part_id"] for e in entries if e["type"] == "finished" and e["target"] == target}
     sweeps = {e["part_id"]: e for e in entries if e["type"] == "sweep"}
     todo = [e for e in entries if e["type"] == "result" and e["record_id"] not in done]
-    return sweeps, todo
+    return sweeps, todo, set(sweeps) - finished
 
 
 def sync(journal: Journal, uri: str) -> SyncReport:
-    """Log every journalled result not yet on this server, exactly once; raises TrackingError."""
+    """Log every journalled result not yet on this server, exactly once; raises TrackingError.
+
+    Idempotent: a result already on the server (found by its record id) is not logged again,
+    a half-logged one (server lost between create and terminate) is completed. Run it after
+    the sweep has ended, not while it still writes the journal.
+    """
     target = target_id(uri)
-    sweeps, todo = pending(journal.entries(), target)
+    entries = journal.entries()
+    sweeps, todo, unfinished = pending(entries, target)
+    results = [e for e in entries if e["type"] == "result"]
     out = SyncReport()
     try:
         with fast_http():
-            _sync(client_for(uri), journal, target, sweeps, todo, out)
+            client = client_for(uri)
+            for part_id in _parts(todo, unfinished):
+                mine = [e for e in results if e["part_id"] == part_id]
+                sweep = sweeps.get(part_id) or _orphan_sweep(mine[0])
+                _sync_part(client, journal, target, sweep, todo, mine, out)
     except TrackingError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the CLI
@@ -392,41 +456,57 @@ def sync(journal: Journal, uri: str) -> SyncReport:
     return out
 
 
-def _sync(
+def _parts(todo: list[dict], unfinished: set[str]) -> list[str]:
+    """Part ids to sync, in journal order: those with pending results, then unfinished ones."""
+    parts = list(dict.fromkeys(e["part_id"] for e in todo))
+    return parts + sorted(unfinished - set(parts))
+
+
+def _sync_part(
     client,
     journal: Journal,
     target: str,
-    sweeps: dict[str, dict],
+    sweep: dict,
     todo: list[dict],
+    mine: list[dict],
     out: SyncReport,
 ) -> None:
-    by_part: dict[str, list[dict]] = {}
-    for entry in todo:
-        by_part.setdefault(entry["part_id"], []).append(entry)
-    all_results = [e for e in journal.entries() if e["type"] == "result"]
-    for part_id, entries in by_part.items():
-        sweep = sweeps.get(part_id) or _orphan_sweep(entries[0])
-        exp_id = _sync_experiment(client, sweep)
-        parent = start_sweep_run(client, exp_id, sweep)
-        out.sweeps += 1
-        for entry in entries:
-            run_id = existing_run(client, exp_id, RECORD_ID_TAG, entry["record_id"])
-            if run_id is None:
-                run_id = log_child(client, exp_id, parent, entry)
-                out.uploaded += 1
-            else:
-                out.already += 1
-            journal.mark_synced(entry["record_id"], target, run_id)
-        mine = [e for e in all_results if e["part_id"] == part_id]
-        finish_sweep_run(client, parent, mine, terminate=not sweep.get("run_id"))
+    """One sweep part: its sweep run, its missing children, then its aggregates."""
+    exp_id = _sync_experiment(client, sweep)
+    parent = start_sweep_run(client, exp_id, sweep)
+    out.sweeps += 1
+    for entry in (e for e in todo if e["part_id"] == sweep["part_id"]):
+        run_id = _sync_child(client, exp_id, parent, entry, out)
+        journal.mark_synced(entry["record_id"], target, run_id)
+    finish_sweep_run(client, parent, mine, terminate=not sweep.get("run_id"))
+    journal.mark_finished(sweep["part_id"], target, parent)
+
+
+def _sync_child(client, exp_id: str, parent: str, entry: dict, out: SyncReport) -> str:
+    """Log one result unless the server has it; complete it if it was left half-logged."""
+    run = find_run(client, exp_id, RECORD_ID_TAG, entry["record_id"])
+    if run is None:
+        out.uploaded += 1
+        return log_child(client, exp_id, parent, entry)
+    if run.info.status == "RUNNING":
+        complete_child(client, run.info.run_id, entry)
+        out.uploaded += 1
+    else:
+        out.already += 1
+    return run.info.run_id
 
 
 def _sync_experiment(client, sweep: dict) -> str:
+    """The experiment of the `mlflow run` run, if this server has it; else by name."""
+    from mlflow.exceptions import MlflowException
+
     if sweep.get("run_id"):
         try:
             return client.get_run(sweep["run_id"]).info.experiment_id
-        except Exception:  # noqa: BLE001 - that run is not on this server: use the name
-            sweep["run_id"] = None
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            sweep["run_id"] = None  # that run is on another server: a sweep run of our own
     return experiment_id(client, sweep["experiment"])
 
 
