@@ -27,6 +27,15 @@ def _choice(name: str, value: object, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _mod_name(spec: object) -> str:
+    if not isinstance(spec, str):
+        raise ValueError(f"score_mod must be a mod name like 'causal', got {spec!r}")
+    try:
+        return mods.resolve(spec).name
+    except ValueError as exc:
+        raise ValueError(f"score_mod: {exc}") from None
+
+
 def canonical_kernel_options(options: dict | str | None) -> str:
     """Kernel options as sorted compact JSON ('' when none), validated."""
     if not options:
@@ -42,6 +51,13 @@ def canonical_kernel_options(options: dict | str | None) -> str:
         if not isinstance(value, KERNEL_OPTION_TYPES):
             raise ValueError(f"kernel_options[{key}] must be a number, bool or string")
     return json.dumps(options, sort_keys=True, separators=(",", ":"))
+
+
+def auto_timer(device: str, q_len: int) -> str:
+    """What timer 'auto' means: CUDA graphs where launch overhead dominates (decoding)."""
+    if device == "cpu":
+        return "cpu"
+    return "cudagraph" if q_len == 1 else "do_bench"
 
 
 @dataclass(frozen=True)
@@ -76,18 +92,15 @@ class BenchConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("timer", self.timer, TIMERS)
-        set_(self, "score_mod", mods.resolve(self.score_mod).name)
+        set_(self, "score_mod", _mod_name(self.score_mod))
         set_(self, "kernel_options", canonical_kernel_options(self.kernel_options))
-        set_(self, "timer", self._resolved_timer())
+        if self.timer == "auto":
+            set_(self, "timer", auto_timer(self.device, self.q_len))
         if self.device == "cpu" and self.timer != "cpu":
             raise ValueError(f"timer {self.timer!r} needs CUDA; use timer 'cpu' or 'auto'")
-
-    def _resolved_timer(self) -> str:
-        if self.timer != "auto":
-            return self.timer
-        if self.device == "cpu":
-            return "cpu"
-        return "cudagraph" if self.q_len == 1 else "do_bench"
+        if self.device == "cuda" and self.timer == "cpu":
+            raise ValueError("timer 'cpu' would not wait for CUDA kernels; use 'auto', "
+                             "'do_bench' or 'cudagraph' with device cuda")
 
     @property
     def shape(self) -> str:
@@ -179,7 +192,17 @@ def shard(configs: Sequence[BenchConfig], index: int, count: int) -> list[BenchC
 
 
 def with_options(config: BenchConfig, **changes: object) -> BenchConfig:
-    """A copy with some fields changed (validated again)."""
+    """A copy with some fields changed (validated again).
+
+    Fields that held their default follow the change: kv_heads = heads, kv_len = q_len, and a
+    timer that 'auto' chose is chosen again.
+    """
+    for derived, source in (("kv_heads", "heads"), ("kv_len", "q_len")):
+        if source in changes and derived not in changes:
+            if getattr(config, derived) == getattr(config, source):
+                changes[derived] = None
+    if "timer" not in changes and config.timer == auto_timer(config.device, config.q_len):
+        changes["timer"] = "auto"
     return replace(config, **changes)
 
 

@@ -59,11 +59,15 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 def geomean(values: Sequence[float]) -> float:
     """Geometric mean of positive values."""
+    if not values or min(values) <= 0:
+        raise ValueError(f"geomean needs positive values, got {list(values)}")
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def cv(values: Sequence[float]) -> float:
     """Coefficient of variation: sample standard deviation / mean."""
+    if len(values) < 2:
+        raise ValueError(f"cv needs at least 2 values, got {len(values)}")
     mean = sum(values) / len(values)
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return math.sqrt(var) / mean

@@ -60,9 +60,15 @@ class CheckFailed(Exception):
 
 
 def one_line(exc: BaseException) -> str:
-    """`Type: first line of message`, at most 300 characters."""
-    text = str(exc).strip().splitlines()
-    msg = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """`Type: first line of message (its cause's first line)`, at most 300 characters."""
+
+    def first(e: BaseException) -> str:
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+    msg = first(exc)
+    if exc.__cause__ is not None:  # dynamo wraps a user mod's error: keep what it said
+        msg += f" ({first(exc.__cause__)})"
     return msg[:300]
 
 
@@ -87,7 +93,14 @@ def dynamo_settings(dynamic: bool, recompile_limit: int) -> Iterator[None]:
         "fail_on_recompile_limit_hit": True,
         "automatic_dynamic_shapes": dynamic,
     }
-    with cfg.patch({k: v for k, v in wanted.items() if hasattr(cfg, k)}):
+    # Backward is timed alone by replaying one graph (retain_graph=True), which compiled
+    # backward refuses while it donates its saved buffers: turn donation off for the sweep.
+    functorch_cfg = torch._functorch.config
+    with (
+        cfg.patch({k: v for k, v in wanted.items() if hasattr(cfg, k)}),
+        functorch_cfg.patch({"donated_buffer": False} if hasattr(functorch_cfg, "donated_buffer")
+                            else {}),
+    ):
         yield
 
 
@@ -180,6 +193,10 @@ def sdpa_baseline(
             mask = mask.masked_fill(~built.mask, float("-inf"))
     if built.sdpa_is_causal:
         mask = None
+    if mask is not None:
+        # SDPA's fused kernels want a dense mask: a stride-0 broadcast [1,H,1,1] head bias
+        # crashed the memory-efficient kernel on an H100 ("misaligned address").
+        mask = mask.expand(1, mask.shape[1], q.shape[2], k.shape[2]).contiguous()
     kwargs = {"enable_gqa": True} if gqa else {}
     return lambda: F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=built.sdpa_is_causal, scale=scale, **kwargs
@@ -193,10 +210,9 @@ def block_density(block_mask: BlockMask | None) -> float:
     computed = block_mask.kv_num_blocks.sum().item()
     if block_mask.full_kv_num_blocks is not None:
         computed += block_mask.full_kv_num_blocks.sum().item()
-    q_blocks, kv_blocks = (
-        math.ceil(n / b) for n, b in zip(block_mask.seq_lengths, block_mask.BLOCK_SIZE)
-    )
-    return computed / (block_mask.kv_num_blocks.numel() * q_blocks * kv_blocks)
+    # kv_num_blocks is [B, H, q_blocks]: one count of computed kv blocks per row of blocks.
+    kv_blocks = math.ceil(block_mask.seq_lengths[1] / block_mask.BLOCK_SIZE[1])
+    return computed / (block_mask.kv_num_blocks.numel() * kv_blocks)
 
 
 class Bench:
@@ -211,7 +227,10 @@ class Bench:
         key = (c.dynamic, c.max_autotune, c.kernel_options)
         if key not in self._compiled:
             self._compiled[key] = torch.compile(
-                flex_attention, dynamic=c.dynamic, mode=COMPILE_MODES[c.max_autotune]
+                flex_attention,
+                dynamic=c.dynamic,
+                mode=COMPILE_MODES[c.max_autotune],
+                fullgraph=True,  # a graph break would silently time unfused eager flex
             )
         return self._compiled[key]
 
@@ -231,6 +250,11 @@ class Bench:
         result = Result(c)
         try:
             measure(c, self, result)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            result.error = (
+                f"recompile limit ({torch._dynamo.config.recompile_limit}) hit: torch.compile "
+                "would fall back to uncompiled flex, so not timed; raise recompile_limit"
+            )
         except (Exception, torch.OutOfMemoryError) as exc:  # noqa: BLE001 - isolate configs
             result.error = one_line(exc)
         finally:
@@ -257,7 +281,11 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     expected_out, expected_grads = reference(q, k, v, built, scale, dout)
     with torch.no_grad():
         m["baseline_max_abs_err"] = max_abs_err(eager(), expected_out)
-    m["max_abs_err"], failure = check(outs, [expected_out, *expected_grads], c.dtype)
+    expected = [expected_out, *expected_grads]
+    m["max_abs_err"], failure = check(outs, expected, c.dtype)
+    m["fwd_max_abs_err"] = max_abs_err(outs[0], expected_out)
+    if c.calculate_bwd:
+        m["bwd_max_abs_err"] = max(max_abs_err(a, e) for a, e in zip(outs[1:], expected[1:]))
     if failure:
         raise CheckFailed(f"{failure} ({c.dtype}); not timed")
     if c.device == "cuda":
@@ -348,17 +376,35 @@ def _record(
     m[f"{kind}_speedup"] = flops.speedup(eager.median_us, flex.median_us)
 
 
-def recompile_limit(n_configs: int) -> int:
-    """Room for every config's graphs (no-grad forward, grad forward) plus a margin."""
-    return 8 + 2 * n_configs
+def cached_graphs() -> int:
+    """Graphs dynamo already holds for flex_attention in this process (earlier sweeps)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(flex_attention.__code__))
+    except (ImportError, AttributeError, RuntimeError):
+        return 0
+
+
+def default_recompile_limit(n_configs: int) -> int:
+    """Room for every config's graphs (no-grad forward, grad forward) plus a margin.
+
+    Graphs cached by earlier sweeps in this process count against dynamo's limit too.
+    """
+    return cached_graphs() + 8 + 2 * n_configs
 
 
 def run_sweep(
     configs: Iterable[BenchConfig],
     on_result: Callable[[Result], None] | None = None,
     progress: bool = True,
+    recompile_limit: int | None = None,
 ) -> list[Result]:
-    """Measure every config, isolating failures; `on_result` sees each Result as it lands."""
+    """Measure every config, isolating failures; `on_result` sees each Result as it lands.
+
+    `recompile_limit` (default: room for every config) caps dynamo recompiles per mod; a config
+    that would exceed it fails instead of silently running uncompiled.
+    """
     from tqdm import tqdm
 
     configs = list(configs)
@@ -366,7 +412,10 @@ def run_sweep(
         check_runtime(device, bwd)
     bench, results = Bench(), []
     dynamic = any(c.dynamic for c in configs)
-    with dynamo_settings(dynamic, recompile_limit(len(configs))):
+    limit = default_recompile_limit(len(configs)) if recompile_limit is None else recompile_limit
+    if any(c.device == "cuda" for c in configs):
+        timing.warm_gpu()
+    with dynamo_settings(dynamic, limit):
         bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")
         for c in bar:
             bar.set_description(c.run_name())

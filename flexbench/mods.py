@@ -195,6 +195,8 @@ def _document_mod(docs: int, kv_len: int, offset: int, device: str) -> Callable:
 
 def _document_mask(d: Dims, p: float | None) -> Built:
     docs, off = int(p), _offset(d)
+    if off < 0:
+        raise ValueError(f"document_mask needs q_len <= kv_len, got {d.q_len} > {d.kv_len}")
     if docs > d.kv_len:
         raise ValueError(f"document_mask:{docs} needs kv_len >= {docs}, got {d.kv_len}")
     doc = document_ids(d.kv_len, docs, d.device)
@@ -295,8 +297,8 @@ def resolve(spec: str) -> Mod:
     name, sep, raw = spec.strip().partition(":")
     info = BUILTINS.get(name)
     if info is None:
-        if sep and "." in name and raw:
-            return Mod(spec, user_fn=_load_user(spec))
+        if sep and raw.isidentifier() and all(p.isidentifier() for p in name.split(".")):
+            return Mod(spec.strip(), user_fn=_load_user(spec.strip()))
         raise ValueError(
             f"unknown mod '{spec}'; built-in mods: {builtin_names()} "
             "(or a user score_mod as package.module:function)"
@@ -304,7 +306,12 @@ def resolve(spec: str) -> Mod:
     if info.param is None and not sep:
         return Mod(name, info)
     value = _parse_param(name, raw, info) if sep else float(info.default)
-    return Mod(f"{name}:{value:g}", info, value)
+    return Mod(f"{name}:{_format_param(value)}", info, value)
+
+
+def _format_param(value: float) -> str:
+    """Shortest text that parses back to `value` (`256`, `30`, `2.5`; never `1.23457e+06`)."""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def describe() -> list[dict[str, str]]:

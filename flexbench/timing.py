@@ -22,6 +22,7 @@ DO_BENCH_REP_MS = 60
 CUDAGRAPH_REP_MS = 40
 CPU_REPEATS = 5  # per round on CPU
 QUANTILES = (0.2, 0.5, 0.8)
+GPU_WARMUP_S = 1.0  # before a CUDA sweep: idle clocks would slow its first configs
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,17 @@ def time_pair(
         base_ms += sample(baseline, grads)
         flex_ms += sample(flex, grads)
     return Timing.from_ms(base_ms), Timing.from_ms(flex_ms)
+
+
+def warm_gpu(seconds: float = GPU_WARMUP_S) -> None:
+    """Busy the GPU with matmuls so clocks have ramped before the first config is timed."""
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            x @ x
+        torch.cuda.synchronize()
 
 
 def timed_call(fn: Callable[[], object], device: str) -> tuple[object, float]:
