@@ -145,7 +145,9 @@ def test_config_key_is_the_same_in_another_process():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, timeout=120)
     assert other.stdout.strip() == key
-    assert len(key) == 16 and int(key, 16) >= 0
+    # Pinned: runs logged with this key are found again (resume) only while it stays the same.
+    # A new BenchConfig field changes every key; if that is meant, update this value.
+    assert key == "c57a381c12520730"
 
 
 def test_config_key_pins_the_identity_of_a_measurement():
