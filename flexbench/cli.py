@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -52,7 +53,36 @@ def str_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 DTYPE = click.Choice(["float16", "bfloat16", "float32"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def dtype_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    """dtype names, each checked now so a typo fails before anything runs."""
+    names = _split(values)
+    for name in names:
+        if name not in DTYPE.choices:
+            raise click.BadParameter(f"unknown dtype '{name}'; use {', '.join(DTYPE.choices)}")
+    return names
+
+
+def switch(name: str, help: str) -> Callable:
+    """A seed-style flag (`--dynamic`) that also takes a value (`--dynamic=false`): MLproject
+    passes its true/false parameters that way."""
+    return click.option(
+        name,
+        type=click.BOOL,
+        is_flag=False,
+        flag_value=True,
+        default=False,
+        metavar="[=true|false]",
+        help=help,
+    )
+
+
+EPILOG_GROUP = """\b
+Example (any machine; logs to ./mlflow.db, see it with `mlflow ui`):
+  flexbench run --device cpu -b 1 -nh 4 -s 256 -d 64 -mods noop,causal -dtype float32
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG_GROUP)
 @click.version_option(package_name="flexbench")
 def cli() -> None:
     """flexbench: FlexAttention vs SDPA, verified, every config an MLflow run."""
@@ -122,7 +152,7 @@ def _default_device(device: str) -> str:
     "dtypes",
     multiple=True,
     default=("bfloat16",),
-    callback=str_list,
+    callback=dtype_list,
     show_default=True,
     help="float16, bfloat16, float32",
 )
@@ -136,9 +166,9 @@ def _default_device(device: str) -> str:
     "--kv-len", "kv_lens", multiple=True, callback=int_list, help="key/value lengths; default = -s"
 )
 @click.option("--decode", is_flag=True, help="decoding: q_len 1 against kv_len (--kv-len or -s)")
-@click.option("--calculate-bwd/--no-calculate-bwd", default=False, help="time backward too")
-@click.option("--dynamic/--no-dynamic", default=False, help="compile flex with dynamic shapes")
-@click.option("--max-autotune/--no-max-autotune", default=False, help="max-autotune compile")
+@switch("--calculate-bwd", "time backward too (needs CUDA)")
+@switch("--dynamic", "compile flex with dynamic shapes")
+@switch("--max-autotune", "max-autotune compile")
 @click.option("--kernel-options", default="", help="JSON, e.g. '{\"BLOCK_M\": 64}'")
 @click.option(
     "--device",
