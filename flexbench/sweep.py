@@ -5,6 +5,7 @@ The glue between `measure` (torch) and `tracking` (MLflow); the CLI's `run` call
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -158,8 +159,6 @@ def run(
 ) -> Outcome:
     """`flexbench run`: expand the sweep (ValueError on bad input), check the device
     (RuntimeError), then measure and track it."""
-    import click
-
     measure.check_runtime(device, calculate_bwd)
     if decode:
         seq_lens, kv_lens = [1], list(kv_lens) or list(seq_lens)
@@ -207,8 +206,15 @@ def run(
         run_name,
         params,
         progress=not quiet,
-        warn=warn or (lambda msg: click.echo(msg, err=True)),
+        warn=warn or warn_stderr,
     )
+
+
+def warn_stderr(message: str) -> None:
+    """A line on stderr that does not tear the tqdm progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def sweep_params(**args: object) -> dict[str, str]:
