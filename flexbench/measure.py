@@ -292,13 +292,14 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
         m["peak_mem_mb"] = _peak_mem_mb(flex, dout)
     fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, density)
     with torch.no_grad():
-        _record("fwd", m, *timing.time_pair(c.timer, eager, flex), fwd_flops)
+        fwd_times = timing.time_pair(timing.timer_for(c.timer, "fwd"), eager, flex)
+        _record("fwd", m, *fwd_times, fwd_flops)
     if c.calculate_bwd:
         bwd = _backward_pair(eager, flex, dout)
         _record(
             "bwd",
             m,
-            *timing.time_pair(c.timer, *bwd, grads=(q, k, v)),
+            *timing.time_pair(timing.timer_for(c.timer, "bwd"), *bwd, grads=(q, k, v)),
             flops.backward_flops(fwd_flops),
         )
     if c.q_len == 1:

@@ -75,6 +75,14 @@ def _cudagraph_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) 
 SAMPLERS = {"cpu": _cpu_samples, "do_bench": _do_bench_samples, "cudagraph": _cudagraph_samples}
 
 
+def timer_for(timer: str, kind: str) -> str:
+    """The sampler a config's timer uses for `kind` (fwd/bwd): `cudagraph_fwd` graphs forward
+    only and times backward with do_bench."""
+    if timer == "cudagraph_fwd":
+        return "cudagraph" if kind == "fwd" else "do_bench"
+    return timer
+
+
 def warm_up(fn: Callable[[], object], device: str) -> None:
     """Run `fn` a few times untimed and wait for the device."""
     for _ in range(WARMUP_CALLS):

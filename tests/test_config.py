@@ -36,7 +36,7 @@ def small(**changes: object) -> BenchConfig:
         ({"score_mod": "causal:3"}, r"^score_mod: mod 'causal' takes no parameter"),
         ({"score_mod": None}, r"^score_mod must be a mod name"),
         ({"device": "tpu"}, r"^device must be one of cpu, cuda"),
-        ({"timer": "wall"}, r"^timer must be one of auto, do_bench, cudagraph, cpu"),
+        ({"timer": "wall"}, r"^timer must be one of auto, do_bench, cudagraph, cudagraph_fwd, cpu"),
         ({"timer": "do_bench"}, r"^timer 'do_bench' needs CUDA"),
         ({"device": "cuda", "timer": "cpu"}, r"^timer 'cpu' would not wait for CUDA kernels"),
         ({"kernel_options": "{bad"}, r"^kernel_options must be a JSON object"),
@@ -53,7 +53,8 @@ def test_invalid_field_is_a_one_line_value_error_naming_it(changes, pattern):
 def test_defaults_fill_kv_heads_kv_len_and_canonical_mod_names():
     c = BenchConfig(batch=8, heads=16, q_len=4096, head_dim=128)
     assert (c.kv_heads, c.kv_len) == (16, 4096)
-    assert (c.dtype, c.score_mod, c.device, c.timer) == ("bfloat16", "noop", "cuda", "do_bench")
+    assert (c.dtype, c.score_mod, c.device, c.timer) == (
+        "bfloat16", "noop", "cuda", "cudagraph_fwd")
     assert not (c.calculate_bwd or c.dynamic or c.max_autotune) and c.kernel_options == ""
     assert c == BenchConfig(8, 16, 4096, 128, kv_heads=16, kv_len=4096)
     gqa = small(heads=8, kv_heads=2, q_len=1, kv_len=512)
@@ -69,7 +70,7 @@ def test_with_options_keeps_followed_defaults_following():
     c = small()  # kv_heads, kv_len and timer from their defaults
     longer = with_options(c, q_len=512, heads=8)
     assert (longer.q_len, longer.kv_len, longer.heads, longer.kv_heads) == (512, 512, 8, 8)
-    assert with_options(c, device="cuda").timer == "do_bench"
+    assert with_options(c, device="cuda").timer == "cudagraph_fwd"
     assert with_options(c, device="cuda", q_len=1).timer == "cudagraph"
     gqa = small(heads=8, kv_heads=2, kv_len=1024)  # set on purpose: they stay
     moved = with_options(gqa, heads=16, q_len=1)
@@ -83,7 +84,7 @@ def test_with_options_keeps_followed_defaults_following():
     ("device", "q_len", "timer", "resolved"),
     [
         ("cpu", 128, "auto", "cpu"),
-        ("cuda", 128, "auto", "do_bench"),
+        ("cuda", 128, "auto", "cudagraph_fwd"),  # graphs forward, do_bench backward
         ("cuda", 1, "auto", "cudagraph"),  # decoding: launch overhead dominates do_bench
         ("cuda", 128, "cudagraph", "cudagraph"),
         ("cuda", 1, "do_bench", "do_bench"),
@@ -147,13 +148,13 @@ def test_config_key_is_the_same_in_another_process():
     assert other.stdout.strip() == key
     # Pinned: runs logged with this key are found again (resume) only while it stays the same.
     # A new BenchConfig field changes every key; if that is meant, update this value.
-    assert key == "c57a381c12520730"
+    assert key == "1d3678009ec9d4d8"
 
 
 def test_config_key_pins_the_identity_of_a_measurement():
     c = BenchConfig(**REFERENCE)
     # The same measurement however it was spelled: defaults, 'auto' timer, option order.
-    assert BenchConfig(**REFERENCE, kv_heads=16, kv_len=4096, timer="do_bench").config_key() \
+    assert BenchConfig(**REFERENCE, kv_heads=16, kv_len=4096, timer="cudagraph_fwd").config_key() \
         == c.config_key()
     a = BenchConfig(**REFERENCE, kernel_options='{"BLOCK_M": 64, "BLOCK_N": 32}')
     b = BenchConfig(**REFERENCE, kernel_options={"BLOCK_N": 32, "BLOCK_M": 64})
@@ -185,7 +186,7 @@ def test_params_are_the_contract_names_as_strings():
         "shape": "8,16,4096,128", "batch": "8", "heads": "16", "kv_heads": "4",
         "q_len": "4096", "kv_len": "4096", "head_dim": "128", "dtype": "bfloat16",
         "score_mod": "causal", "device": "cuda", "calculate_bwd": "true", "dynamic": "false",
-        "max_autotune": "false", "timer": "do_bench",
+        "max_autotune": "false", "timer": "cudagraph_fwd",
         "ko_BLOCK_M": "64", "ko_PRESCALE_QK": "false",
     }
 
