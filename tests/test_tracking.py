@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from flexbench import sweep, tracking
@@ -156,7 +157,7 @@ def test_sweep_run_with_one_child_per_config(logged):
 
 
 def test_children_carry_every_contract_name(logged):
-    kids = [r for r in children(logged["client"], logged["out"].run_id)]
+    kids = children(logged["client"], logged["out"].run_id)
     ok = [r for r in kids if r.info.status == "FINISHED"]
     assert len(ok) == 2
     for run in ok:
@@ -165,7 +166,7 @@ def test_children_carry_every_contract_name(logged):
         assert set(CHILD_TAGS) <= set(run.data.tags), run.info.run_name
         assert run.data.params["shape"] == "1,2,128,16"
         assert run.data.params["dtype"] == "float32"
-        assert run.data.tags["torch"] == __import__("torch").__version__
+        assert run.data.tags["torch"] == torch.__version__
         m = run.data.metrics
         assert m["fwd_speedup"] == pytest.approx(m["fwd_eager_us"] / m["fwd_compiled_us"])
         assert m["fwd_compiled_us_p20"] <= m["fwd_compiled_us"] <= m["fwd_compiled_us_p80"]
