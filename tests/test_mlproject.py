@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
@@ -86,6 +85,7 @@ def test_mlproject_has_summary_entry_point_and_conda_env():
 
 def test_conda_env_agrees_with_pyproject():
     """Same packages and version floors; torch is conda-forge's CUDA build `pytorch-gpu`."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     wanted = {Requirement(d).name: str(Requirement(d).specifier) for d in deps}
     conda = load_yaml("conda.yaml")
