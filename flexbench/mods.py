@@ -281,7 +281,7 @@ def _load_user(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a user module may fail to import in any way
         raise ValueError(
             f"cannot import mod '{spec}' ({type(exc).__name__}: {exc}); "
             f"use a built-in ({builtin_names()}) or an importable package.module:function"

@@ -70,11 +70,6 @@ def test_bad_input_exits_2_with_one_line(args, needles, capsys):
     assert_one_line(err, "Error:", *needles)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flexbench.mods._load_user catches only ImportError/AttributeError: an exception "
-    "raised while importing a user mod escapes as a traceback",
-)
 def test_user_mod_that_fails_to_import_exits_2(tmp_path, monkeypatch, capsys):
     (tmp_path / "broken_mods.py").write_text("raise RuntimeError('half-written module')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
