@@ -1,4 +1,4 @@
-"""click CLI: run, mods, sync, summary, compare (thin: parse -> call the API)."""
+"""click CLI: run, mods, sync, summary, compare, tune (thin: parse -> call the API)."""
 
 from __future__ import annotations
 
@@ -257,6 +257,91 @@ def sync(journal: str | None, tracking_uri: str | None) -> None:
         f"synced {rep.uploaded} new results ({rep.already} already there) in "
         f"{rep.sweeps} sweeps to {tracking.redact(uri)}"
     )
+
+
+EPILOG_TUNE = """\b
+Examples:
+  flexbench tune                          # 8x16x4096x128 bf16 noop,causal, default grid
+  flexbench tune -mods causal --calculate-bwd --grid '{"BLOCK_M": [64, 128], "BLOCK_N": [64]}'
+  flexbench tune --device cpu -b 1 -nh 2 -s 64 -d 16 -dtype float32 -mods causal \\
+      --grid '{"BLOCK_M": [32, 64], "BLOCK_N": [32], "num_warps": [4], "num_stages": [1]}'
+  flexbench summary                       # afterwards: every candidate of the latest tune
+"""
+# `run` options that `tune` shares (same flags, help and checks), with tune's defaults: the
+# issue's H100 case, not run's 72-config sweep (x56 candidates each).
+TUNE_SHARED = {
+    "batch": ("8",),
+    "heads": ("16",),
+    "seq_lens": ("4096",),
+    "head_dims": ("128",),
+    "score_mods": ("noop,causal",),
+    "dtypes": None,
+    "kv_heads": None,
+    "kv_lens": None,
+    "decode": None,
+    "calculate_bwd": None,
+    "dynamic": None,
+    "device": None,
+    "timer": None,
+    "experiment": None,
+    "tracking_uri": None,
+    "journal": None,
+    "quiet": None,
+}
+
+
+def _shared_option(name: str, default: object) -> click.Parameter:
+    """A copy of `run`'s option `name`, with another default unless `default` is None."""
+    import copy
+
+    found = [p for p in run.params if p.name == name]
+    if not found:
+        raise RuntimeError(f"flexbench tune shares run's option '{name}', which run lacks")
+    option = copy.copy(found[0])
+    if default is not None:
+        option.default = default
+    return option
+
+
+@cli.command(epilog=EPILOG_TUNE)
+@click.option(
+    "--grid",
+    default="",
+    help='kernel options to search, JSON of lists (default {"BLOCK_M": [32, 64, 128], '
+    '"BLOCK_N": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]}); plain names '
+    "reach forward and backward kernels, fwd_/bwd_ prefixes one of them",
+)
+@click.option(
+    "--autotune-candidate/--no-autotune-candidate",
+    "autotune",
+    default=True,
+    show_default=True,
+    help="also measure a max-autotune compile",
+)
+@click.option("--run-name", default=None, help="name of the tune sweep run")
+def tune(**opts: object) -> None:
+    """Per config, search flex kernel options: default, max-autotune and a grid, each a checked
+    child run of the config's tune run; the fastest passing one is tagged flexbench.best=true.
+
+    Grid points that cannot work are skipped with their reason (block larger than the
+    sequence, not dividing the BlockMask block of 128, shared memory of the GPU).
+    """
+    from flexbench import tune as api
+
+    opts["device"] = _default_device(str(opts["device"]))
+    try:
+        outcome = api.run(**opts)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if outcome.results:
+        click.echo(outcome.table())
+    click.echo(api.closing_line(outcome), err=True)
+    sys.exit(outcome.exit_code)
+
+
+tune.params[:0] = [_shared_option(name, default) for name, default in TUNE_SHARED.items()]
 
 
 def main(argv: list[str] | None = None) -> None:

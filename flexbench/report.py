@@ -207,3 +207,99 @@ def close(figure) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+# --- flexbench tune: default vs best kernel options ------------------------------------------
+
+TUNE_KEY_TAG = "flexbench.tune_key"  # the tuned config's key: its candidates share it
+TUNE_CONFIG_TAG = "flexbench.tune_config"  # the tuned config's run name
+CANDIDATE_TAG = "flexbench.candidate"  # default, max-autotune, or e.g. BLOCK_M=64 BLOCK_N=64
+BEST_TAG = "flexbench.best"  # "true" on the fastest passing candidate of a config
+SKIPPED_TAG = "flexbench.skipped"  # why a candidate was not measured (its run is KILLED)
+DEFAULT_CANDIDATE = "default"
+TUNE_COLUMNS = {  # default_vs_best key -> table header
+    "config": "config",
+    "baseline_us": "baseline_us",
+    "default_us": "default_us",
+    "best_us": "best_us",
+    "best_gain": "gain",
+    "best_speedup": "best_speedup",
+    "best": "best",
+    "measured": "measured",
+    "skipped": "skipped",
+    "failed": "failed",
+}
+
+
+def tune_us(row: dict, side: str = "compiled") -> float | None:
+    """A tune candidate's objective: fwd µs, plus bwd µs where measured, of compiled flex
+    (`side="eager"`: of its baseline); None unless the candidate passed."""
+    if row.get("status") != "FINISHED" or f"fwd_{side}_us" not in row:
+        return None
+    return float(row[f"fwd_{side}_us"]) + float(row.get(f"bwd_{side}_us", 0.0))
+
+
+def best_row(rows: Sequence[dict]) -> dict | None:
+    """The fastest passing candidate (the earlier one on a tie), or None."""
+    passed = [r for r in rows if tune_us(r) is not None]
+    return min(passed, key=tune_us) if passed else None
+
+
+def tune_groups(rows: Sequence[dict]) -> list[list[dict]]:
+    """Candidate rows grouped per tuned config (sweep id, tune key), in order; rows without
+    a tune key (plain `run` configs) are left out."""
+    from flexbench.tracking import SWEEP_ID_TAG  # tracking imports report: import late
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get(TUNE_KEY_TAG):
+            key = (str(r.get(SWEEP_ID_TAG, "")), str(r[TUNE_KEY_TAG]))
+            groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def default_vs_best(rows: Sequence[dict]) -> list[dict]:
+    """Per tuned config: the default candidate against the fastest passing one.
+
+    `rows` are candidate rows (from MLflow runs or tune records) carrying the tune tags;
+    skipped candidates (status KILLED, flexbench.skipped) are counted, not compared.
+    µs are fwd (+ bwd where measured) medians; best_gain = default / best, best_speedup =
+    the best candidate's baseline / flex; None where a side did not pass.
+    """
+    return [_default_vs_best(group) for group in tune_groups(rows)]
+
+
+def _default_vs_best(group: list[dict]) -> dict:
+    measured = [r for r in group if not r.get(SKIPPED_TAG)]
+    default = next((r for r in measured if r.get(CANDIDATE_TAG) == DEFAULT_CANDIDATE), {})
+    best = best_row(measured) or {}
+    d, b, base = tune_us(default), tune_us(best), tune_us(best, "eager")
+    out = {
+        "config": group[0].get(TUNE_CONFIG_TAG, ""),
+        "tune_key": group[0][TUNE_KEY_TAG],
+        "baseline_us": base,
+        "default_us": d,
+        "best_us": b,
+        "best_gain": d / b if d and b else None,
+        "best_speedup": base / b if base and b else None,
+        "best": best.get(CANDIDATE_TAG),
+        "best_run_id": best.get("run_id", ""),
+        "measured": len(measured),
+        "skipped": len(group) - len(measured),
+        "failed": sum(r.get("status") != "FINISHED" for r in measured),
+    }
+    for name, row in (("default", default), ("best", best)):
+        for kind in KINDS:
+            if tune_us(row) is not None and f"{kind}_compiled_us" in row:
+                out[f"{name}_{kind}_compiled_us"] = float(row[f"{kind}_compiled_us"])
+    return out
+
+
+def tune_table(results: Sequence[dict], fmt: str = "github") -> str:
+    """`default_vs_best` as a table: config, baseline, default and best µs, gain, best."""
+    body = [[_blank(r.get(k)) for k in TUNE_COLUMNS] for r in results]
+    return tabulate(body, headers=list(TUNE_COLUMNS.values()), tablefmt=fmt, floatfmt=".3f")
+
+
+def _blank(value: object) -> object:
+    return "" if value is None else value

@@ -213,7 +213,9 @@ def batch(
 
 
 def log_child(client, exp_id: str, parent_id: str, entry: dict) -> str:
-    """One config's run: create, one log_batch, terminate. Returns its run id."""
+    """One config's run: create, one log_batch, terminate. Returns its run id.
+
+    Its flexbench.kind is the entry's `kind` (default `config`; `tune` skips are `skipped`)."""
     tags = {
         **entry["tags"],
         PARENT_TAG: parent_id,
@@ -221,7 +223,7 @@ def log_child(client, exp_id: str, parent_id: str, entry: dict) -> str:
         PART_TAG: entry["part_id"],
         CONFIG_KEY_TAG: entry["config_key"],
         RECORD_ID_TAG: entry["record_id"],
-        KIND_TAG: "config",
+        KIND_TAG: entry.get("kind", "config"),
     }
     if entry.get("error"):
         tags[ERROR_TAG] = redact(entry["error"])
@@ -237,6 +239,33 @@ def complete_child(client, run_id: str, entry: dict) -> None:
     metrics, params, _ = batch(entry["metrics"], entry["params"], {}, entry["end_ms"])
     client.log_batch(run_id, metrics=metrics, params=params)
     client.set_terminated(run_id, entry["status"], end_time=entry["end_ms"])
+
+
+def start_nested_run(client, exp_id: str, parent_id: str, run: dict) -> str:
+    """A RUNNING run under `parent_id` (`run`: run_name, tags, params, start_ms), e.g. one
+    config's tune run under the tune sweep run; `end_run` finishes it. Returns its run id."""
+    tags = {**run["tags"], PARENT_TAG: parent_id}
+    created = client.create_run(
+        exp_id, start_time=run["start_ms"], tags=tags, run_name=run["run_name"]
+    )
+    _, params, _ = batch({}, run["params"], {}, run["start_ms"])
+    client.log_batch(created.info.run_id, params=params)
+    return created.info.run_id
+
+
+def end_run(
+    client, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str, end_ms: int
+) -> None:
+    """Metrics and tags in one log_batch, then the final status."""
+    m, _, t = batch(metrics, {}, tags, end_ms)
+    client.log_batch(run_id, metrics=m, tags=t)
+    client.set_terminated(run_id, status, end_time=end_ms)
+
+
+def set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    """Tags on an existing (possibly finished) run, one log_batch."""
+    _, _, t = batch({}, {}, tags, 0)
+    client.log_batch(run_id, tags=t)
 
 
 def find_run(client, exp_id: str, tag: str, value: str, more: str = ""):
@@ -379,13 +408,20 @@ class Tracker:
         if run_id:
             self.run_id = run_id
 
-    def log(self, entry: dict) -> None:
-        """Journal one result entry (flushed), then log it as a child run."""
+    def log(self, entry: dict, parent: str | None = None) -> str | None:
+        """Journal one result entry (flushed), then log it as a child run of `parent` (default:
+        the sweep run); its run id, or None when offline. `sync` logs it under the sweep run."""
         self.journal.append(entry)
-        run_id = self._call(log_child, self.client, self.exp_id, self.run_id, entry)
+        run_id = self._call(log_child, self.client, self.exp_id, parent or self.run_id, entry)
         if run_id:
             self.journal.mark_synced(entry["record_id"], target_id(self.uri), run_id)
             self.logged += 1
+        return run_id
+
+    def call(self, fn, *args) -> object:
+        """One more tracking step (e.g. `start_nested_run`) with this tracker's failure handling:
+        its result, or None once offline."""
+        return self._call(fn, *args)
 
     def finish(self, entries: list[dict]) -> None:
         """Aggregates and artifacts on the sweep run (not ended under `mlflow run`)."""
