@@ -7,8 +7,6 @@ from collections.abc import Callable
 
 import click
 
-from flexbench import mods as mods_mod
-
 EPILOG_RUN = """\b
 Examples:
   flexbench run -b 8 -nh 16 -s 1024,4096 -d 64,128 -mods noop,causal --calculate-bwd
@@ -37,6 +35,8 @@ def int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 
 def mod_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
     """Mod specs, each resolved now so a bad name fails before anything runs."""
+    from flexbench import mods as mods_mod  # imports torch: only for commands that need it
+
     names = _split(values)
     for name in names:
         try:
@@ -226,6 +226,8 @@ def list_mods() -> None:
     """
     from tabulate import tabulate
 
+    from flexbench import mods as mods_mod
+
     click.echo(tabulate(mods_mod.describe(), headers="keys", tablefmt="github"))
     click.echo(
         "\nA parameter goes after a colon (sliding_window:128); a user score_mod is "
@@ -257,6 +259,129 @@ def sync(journal: str | None, tracking_uri: str | None) -> None:
         f"synced {rep.uploaded} new results ({rep.already} already there) in "
         f"{rep.sweeps} sweeps to {tracking.redact(uri)}"
     )
+
+
+REPORT_FORMAT = click.Choice(["table", "csv", "json", "markdown"])  # = report.FORMATS
+EPILOG_SUMMARY = """\b
+Examples:
+  flexbench summary                       # the latest sweep of experiment flexbench
+  flexbench summary --sweep all --where torch=2.11.0,score_mod=causal --format markdown
+  flexbench summary --sweep-id 3f2a9c1b7e4d --format json > sweep.json
+"""
+EPILOG_COMPARE = """\b
+Examples:
+  flexbench compare BASE_RUN_ID CONTENDER_RUN_ID
+  flexbench compare --base-where torch=2.10.0 --contender-where torch=2.11.0 --format markdown
+  flexbench compare BASE_RUN_ID latest --where score_mod=causal --threshold 3%
+"""
+
+
+def _report(call: Callable, *args: object) -> object:
+    """Call a report function: bad input exits 2, nothing to report or a server failure 1."""
+    from flexbench import query, tracking
+
+    try:
+        return call(*args)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except (query.NotFound, tracking.TrackingError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def percent(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """`5` or `5%` -> 0.05."""
+    try:
+        fraction = float(str(value).strip().rstrip("%")) / 100
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a percentage like 5 or 5%") from None
+    if fraction < 0:
+        raise click.BadParameter(f"must be >= 0, got {value}")
+    return fraction
+
+
+def reading(f: Callable) -> Callable:
+    """--tracking-uri, --experiment and --format of the commands that read the server."""
+    f = click.option("--format", "fmt", type=REPORT_FORMAT, default="table", show_default=True)(f)
+    f = click.option(
+        "--experiment",
+        default="flexbench",
+        show_default=True,
+        help="MLflow experiment (by name, also under `mlflow run`)",
+    )(f)
+    return click.option(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )(f)
+
+
+WHERE_HELP = "KEY=VALUE[,KEY=VALUE] on params and tags, e.g. score_mod=causal,dtype=bfloat16,"
+
+
+@cli.command(epilog=EPILOG_SUMMARY)
+@reading
+@click.option(
+    "--sweep",
+    default="latest",
+    show_default=True,
+    metavar="RUN_ID|latest|all",
+    help="a sweep run id, the latest sweep (all its shards), or all sweeps",
+)
+@click.option("--sweep-id", default=None, help="every sweep run (shard) with this sweep id")
+@click.option("--where", multiple=True, help=WHERE_HELP + "torch=2.11.0; repeatable (AND)")
+def summary(
+    tracking_uri: str | None,
+    experiment: str,
+    fmt: str,
+    sweep: str,
+    sweep_id: str | None,
+    where: tuple[str, ...],
+) -> None:
+    """Print a sweep's per-config table and Average/Max/Min speedups, read from MLflow."""
+    from flexbench import report
+
+    result = _report(report.summary, tracking_uri, experiment, sweep, where, sweep_id)
+    click.echo(report.render_summary(result, fmt))
+
+
+@cli.command(epilog=EPILOG_COMPARE)
+@click.argument("base", required=False)
+@click.argument("contender", required=False)
+@reading
+@click.option("--base-where", multiple=True, help="select the base: " + WHERE_HELP + "...")
+@click.option("--contender-where", multiple=True, help="select the contender, as --base-where")
+@click.option("--where", multiple=True, help="narrow both sides, as --base-where")
+@click.option(
+    "--threshold",
+    default="5",
+    show_default=True,
+    callback=percent,
+    help="percent change that counts, when also beyond both runs' p20-p80 spread",
+)
+def compare(
+    base: str | None,
+    contender: str | None,
+    tracking_uri: str | None,
+    experiment: str,
+    fmt: str,
+    base_where: tuple[str, ...],
+    contender_where: tuple[str, ...],
+    where: tuple[str, ...],
+    threshold: float,
+) -> None:
+    """Match two sweeps' configs by identity; per-config timing ratios; exit 1 on regression.
+
+    BASE and CONTENDER are sweep run ids (or latest / all); without them, --base-where and
+    --contender-where select each side from all sweeps.
+    """
+    from flexbench import report
+
+    sides = _report(report.sides, base, contender, base_where, contender_where, where)
+    result = _report(report.compare, *sides, tracking_uri, experiment, threshold)
+    click.echo(report.render_compare(result, fmt))
+    if not result.matches:
+        click.echo("Error: no config is on both sides; nothing was compared", err=True)
+    sys.exit(result.exit_code)
 
 
 EPILOG_TUNE = """\b

@@ -2,23 +2,34 @@
 
 A *row* is one config as a flat dict of strings/floats: its params, metrics, `run_name`,
 `status` and `error`. Rows come from journal records (`row_from_record`) or from MLflow runs
-(`row_from_run`), so the console, the sweep run's artifacts and `flexbench summary` all print
-the same tables.
+(`query.row_from_run`), so the console, the sweep run's artifacts and `flexbench summary` all
+print the same tables.
+
+`summary` and `compare` read config runs back from the tracking server (`query.read`) and
+never re-measure: `summary` prints one sweep's tables, `compare` matches two sets of runs by
+config identity and flags regressions.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
+from flexbench import query  # imports tracking, which imports this module
 from flexbench.flops import geomean
 
 KINDS = ("fwd", "bwd")
 IDENTITY = ("shape", "kv_heads", "kv_len", "score_mod", "dtype")
+FIGURE_MAX_IN = 40.0  # a 10,000-config sweep must not ask matplotlib for a 4,500-inch figure
+FIGURE_MAX_LABELS = 80  # beyond this, config names on the x axis are unreadable
+# Shown in the table only when they differ between rows (e.g. `--sweep all` over two stacks).
+VARYING = ("device", "timer", "dynamic", "max_autotune", "gpu", "torch", "triton", "cuda")
 TABLE_COLUMNS = (
     "shape",
     "kv_heads",
@@ -51,20 +62,6 @@ def row_from_record(record: dict) -> dict:
     }
 
 
-def row_from_run(run) -> dict:
-    """An MLflow config run as a row (tags kept for filtering)."""
-    data = run.data
-    return {
-        **data.tags,
-        **data.params,
-        **data.metrics,
-        "run_name": run.info.run_name,
-        "status": run.info.status,
-        "error": data.tags.get("flexbench.error", ""),
-        "run_id": run.info.run_id,
-    }
-
-
 def ok_rows(rows: Sequence[dict]) -> list[dict]:
     """Rows that passed (their speedups count)."""
     return [r for r in rows if r.get("status") == "FINISHED" and "fwd_speedup" in r]
@@ -91,13 +88,18 @@ def sweep_metrics(rows: Sequence[dict]) -> dict[str, float]:
 
 
 def _columns(rows: Sequence[dict]) -> list[str]:
+    """Table columns present in the rows; kv_heads/kv_len only when they differ from heads/
+    q_len; options, kernel options and environment only when they differ between rows."""
     present = {k for r in rows for k in r}
     cols = [c for c in TABLE_COLUMNS if c in present]
     if all(r.get("kv_heads") == r.get("heads") for r in rows):
         cols.remove("kv_heads") if "kv_heads" in cols else None
     if all(r.get("kv_len") == r.get("q_len") for r in rows):
         cols.remove("kv_len") if "kv_len" in cols else None
-    return cols
+    options = [*VARYING, *sorted(k for k in present if k.startswith("ko_"))]
+    varying = [k for k in options if len({str(r.get(k, "")) for r in rows}) > 1]
+    at = cols.index("dtype") + 1 if "dtype" in cols else len(cols)
+    return cols[:at] + varying + cols[at:]
 
 
 def results_table(rows: Sequence[dict], fmt: str = "github") -> str:
@@ -109,10 +111,16 @@ def results_table(rows: Sequence[dict], fmt: str = "github") -> str:
 
 
 def _num(value: object) -> object:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
+    """Numbers stay as they are (int(2.7) would truncate a speedup to 2); strings that hold a
+    number (MLflow params) become int or float, so tabulate aligns and formats them."""
+    if not isinstance(value, str):
         return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            continue
+    return value
 
 
 def aggregate_rows(rows: Sequence[dict], kind: str) -> list[dict]:
@@ -153,12 +161,10 @@ def seed_tables(rows: Sequence[dict], fmt: str = "github") -> str:
     return "\n".join(parts)
 
 
-def summary_markdown(rows: Sequence[dict]) -> str:
-    """The sweep run's description and summary.md."""
+def summary_markdown(rows: Sequence[dict], title: str = "flexbench sweep") -> str:
+    """The sweep run's description and summary.md (and `summary --format markdown`)."""
     m = sweep_metrics(rows)
-    head = (
-        f"**flexbench sweep**: {int(m['configs_total'])} configs, {int(m['configs_failed'])} failed"
-    )
+    head = f"**{title}**: {int(m['configs_total'])} configs, {int(m['configs_failed'])} failed"
     for kind in KINDS:
         if f"{kind}_speedup_geomean" in m:
             head += f"; {kind} speedup geomean {m[f'{kind}_speedup_geomean']:.3f}"
@@ -187,15 +193,19 @@ def speedup_figure(rows: Sequence[dict]):
     import matplotlib.pyplot as plt
 
     names = [r.get("run_name", "") for r in good]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(good) + 2), 4.5))
+    inches = min(FIGURE_MAX_IN, max(6.0, 0.45 * len(good) + 2))
+    fig, ax = plt.subplots(figsize=(inches, 4.5))
     kinds = [k for k in KINDS if any(f"{k}_speedup" in r for r in good)]
     width = 0.8 / len(kinds)
     for i, kind in enumerate(kinds):
         values = [float(r.get(f"{kind}_speedup", math.nan)) for r in good]
         ax.bar([x + i * width for x in range(len(good))], values, width, label=kind)
     ax.axhline(1.0, color="gray", linewidth=1, linestyle="--")
-    ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(good))])
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    if len(good) <= FIGURE_MAX_LABELS:
+        ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(good))])
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_xlabel(f"{len(good)} configs in sweep order (names in summary.md)")
     ax.set_ylabel("speedup (SDPA time / flex time)")
     ax.set_title("FlexAttention speedup over SDPA computing the same function")
     ax.legend()
@@ -207,6 +217,388 @@ def close(figure) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+FORMATS = ("table", "csv", "json", "markdown")
+
+
+# --- flexbench summary -----------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """One summary: config rows and where they came from."""
+
+    rows: list[dict]
+    source: str
+
+
+def summary(
+    tracking_uri: str | None = None,
+    experiment: str = "flexbench",
+    sweep: str = "latest",
+    where: Sequence[str] = (),
+    sweep_id: str | None = None,
+) -> Summary:
+    """`flexbench summary`: config runs of the latest sweep (or `all`, a sweep run id, or every
+    shard of a sweep id), narrowed by --where, read from MLflow alone.
+
+    ValueError for a bad --where; query.NotFound when there is nothing to show;
+    tracking.TrackingError when the server fails.
+    """
+    selection = query.Selection(sweep, sweep_id, tuple(where))
+    rows, label = query.read(selection, tracking_uri, experiment)
+    return Summary(rows, label)
+
+
+def aggregates(rows: Sequence[dict]) -> dict:
+    """Config counts and, per kind, the speedup average and geomean, and the max and min with
+    their config (the seed's Average/Max/Min tables as data)."""
+    m = sweep_metrics(rows)
+    out: dict = {k: int(m[k]) for k in ("configs_total", "configs_failed")}
+    for kind in KINDS:
+        agg = aggregate_rows(rows, kind)
+        if agg:
+            average, hi, lo = agg
+            out[kind] = {
+                "average": average["Speedup"],
+                "geomean": m[f"{kind}_speedup_geomean"],
+                "max": {"speedup": hi["Speedup"], **{k: hi[k] for k in IDENTITY}},
+                "min": {"speedup": lo["Speedup"], **{k: lo[k] for k in IDENTITY}},
+            }
+    return out
+
+
+def to_json(data: object) -> str:
+    """JSON with non-finite floats (an infinite error) as null: strict parsers accept it."""
+
+    def clean(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(data), indent=2)
+
+
+def render_summary(s: Summary, fmt: str = "table") -> str:
+    """The summary as the seed's tables (`table`), `markdown`, `csv` or `json`
+    ({"rows": [...], "aggregates": {...}})."""
+    if fmt == "json":
+        return to_json({"rows": s.rows, "aggregates": aggregates(s.rows)})
+    if fmt == "csv":
+        return to_csv(s.rows)
+    if fmt == "markdown":
+        return summary_markdown(s.rows, f"flexbench summary of {s.source}")
+    if fmt == "table":
+        return f"{s.source}: {len(s.rows)} configs\n\n{seed_tables(s.rows)}"
+    raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+# --- flexbench compare -----------------------------------------------------------------------
+
+TIMINGS = ("fwd_eager_us", "fwd_compiled_us", "bwd_eager_us", "bwd_compiled_us")
+# A config's identity across sweeps and software stacks: what was measured and how, not on
+# which torch/GPU (plus kernel options, ko_*). Not calculate_bwd: fwd compares either way.
+MATCH = (
+    "shape",
+    "kv_heads",
+    "kv_len",
+    "dtype",
+    "score_mod",
+    "device",
+    "dynamic",
+    "max_autotune",
+    "timer",
+)
+DEFAULT_THRESHOLD = 0.05
+REGRESSIONS = ("regression", "now fails")
+
+
+def match_key(row: dict) -> tuple[str, ...]:
+    """Shape, kv heads/length, dtype, mod, device, compile options, timer and kernel options:
+    equal for the same config measured under any torch/GPU (environment is not identity)."""
+    options = sorted(f"{k}={row[k]}" for k in row if k.startswith("ko_"))
+    return (*(str(row.get(k, "")) for k in MATCH), *options)
+
+
+def spread(row: dict, timing: str) -> float:
+    """The measured p20–p80 spread of one timing, µs (0 when not logged)."""
+    lo, hi = row.get(f"{timing}_p20"), row.get(f"{timing}_p80")
+    return float(hi) - float(lo) if lo is not None and hi is not None else 0.0
+
+
+def verdict(
+    base: float, contender: float, base_spread: float, contender_spread: float, threshold: float
+) -> str:
+    """`regression` (slower) or `improvement` (faster) when the change exceeds both the
+    threshold (a fraction of base) and the p20–p80 spread of each run; else ``."""
+    delta = contender - base
+    if abs(delta) <= threshold * base or abs(delta) <= max(base_spread, contender_spread):
+        return ""
+    return "regression" if delta > 0 else "improvement"
+
+
+@dataclass
+class Change:
+    """One timing of one config in both runs."""
+
+    timing: str
+    base_us: float
+    contender_us: float
+    base_spread_us: float
+    contender_spread_us: float
+    verdict: str
+
+    @property
+    def ratio(self) -> float:
+        """contender / base: above 1 is slower."""
+        return self.contender_us / self.base_us if self.base_us else math.nan
+
+
+@dataclass
+class Match:
+    """One config found on both sides."""
+
+    base: dict
+    contender: dict
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return str(self.base.get("run_name", ""))
+
+    @property
+    def status(self) -> str:
+        """regression, improvement, unchanged, now fails, now passes or fails in both."""
+        ok = (self.base.get("status") == "FINISHED", self.contender.get("status") == "FINISHED")
+        if ok != (True, True):
+            return {(True, False): "now fails", (False, True): "now passes"}.get(
+                ok, "fails in both"
+            )
+        verdicts = {c.verdict for c in self.changes}
+        return next((v for v in ("regression", "improvement") if v in verdicts), "unchanged")
+
+    def detail(self) -> str:
+        """The status with what changed, e.g. `regression: fwd_compiled_us +20.0%`."""
+        if self.status == "now fails":
+            return f"now fails: {self.contender.get('error', '')}"
+        flagged = [f"{c.timing} {c.ratio - 1:+.1%}" for c in self.changes if c.verdict]
+        return f"{self.status}: {', '.join(flagged)}" if flagged else self.status
+
+
+def changes(base: dict, contender: dict, threshold: float) -> list[Change]:
+    """Every timing both runs logged, judged against the threshold and spreads."""
+    out = []
+    for t in TIMINGS:
+        if t in base and t in contender:
+            b, c = float(base[t]), float(contender[t])
+            sb, sc = spread(base, t), spread(contender, t)
+            out.append(Change(t, b, c, sb, sc, verdict(b, c, sb, sc, threshold)))
+    return out
+
+
+def latest_by_config(rows: Sequence[dict]) -> dict[tuple[str, ...], dict]:
+    """One row per config identity: the latest run (rows are in the order they ran)."""
+    return {match_key(r): r for r in rows}
+
+
+@dataclass
+class Comparison:
+    """Two sets of config runs matched by identity."""
+
+    base_label: str
+    contender_label: str
+    threshold: float
+    matches: list[Match]
+    only_base: list[dict]
+    only_contender: list[dict]
+
+    @property
+    def regressions(self) -> list[Match]:
+        return [m for m in self.matches if m.status in REGRESSIONS]
+
+    @property
+    def exit_code(self) -> int:
+        """1 when any config regressed (or none matched: nothing was compared), else 0."""
+        return 1 if self.regressions or not self.matches else 0
+
+    def headline(self) -> str:
+        improved = sum(m.status == "improvement" for m in self.matches)
+        return (
+            f"{len(self.matches)} configs matched, {len(self.regressions)} regressed, "
+            f"{improved} improved; {len(self.only_base)} only in base, "
+            f"{len(self.only_contender)} only in contender (threshold {self.threshold:.0%} "
+            "and the p20-p80 spread of both runs)"
+        )
+
+
+def pair(
+    base_rows: Sequence[dict],
+    contender_rows: Sequence[dict],
+    threshold: float = DEFAULT_THRESHOLD,
+    labels: tuple[str, str] = ("base", "contender"),
+) -> Comparison:
+    """Match configs by identity (the latest run of each per side) and judge every timing."""
+    base, contender = latest_by_config(base_rows), latest_by_config(contender_rows)
+    matches = [
+        Match(b, contender[k], changes(b, contender[k], threshold))
+        for k, b in base.items()
+        if k in contender
+    ]
+    return Comparison(
+        *labels,
+        threshold,
+        matches,
+        [r for k, r in base.items() if k not in contender],
+        [r for k, r in contender.items() if k not in base],
+    )
+
+
+def sides(
+    base: str | None,
+    contender: str | None,
+    base_where: Sequence[str] = (),
+    contender_where: Sequence[str] = (),
+    where: Sequence[str] = (),
+) -> tuple[query.Selection, query.Selection]:
+    """The two selections of `compare`: each a sweep (run id, latest, all) or, without one,
+    all sweeps narrowed by its own --*-where; `where` narrows both. ValueError if unset."""
+    out = []
+    for name, sweep, own in (("base", base, base_where), ("contender", contender, contender_where)):
+        if not sweep and not own:
+            raise ValueError(
+                f"no {name}: give BASE and CONTENDER sweep run ids, or --base-where and "
+                "--contender-where (e.g. torch=2.10.0 vs torch=2.11.0)"
+            )
+        out.append(query.Selection(sweep or "all", None, (*where, *own)))
+    return out[0], out[1]
+
+
+def compare(
+    base: query.Selection,
+    contender: query.Selection,
+    tracking_uri: str | None = None,
+    experiment: str = "flexbench",
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Comparison:
+    """`flexbench compare`: read both selections from MLflow and pair them.
+
+    ValueError for bad input; query.NotFound when a side has no runs; TrackingError on server
+    failure.
+    """
+    if threshold < 0:
+        raise ValueError(f"--threshold must be >= 0, got {threshold:.0%}")
+    base_rows, base_label = query.read(base, tracking_uri, experiment)
+    contender_rows, contender_label = query.read(contender, tracking_uri, experiment)
+    return pair(base_rows, contender_rows, threshold, (base_label, contender_label))
+
+
+def _timings_present(c: Comparison) -> list[str]:
+    return [t for t in TIMINGS if any(ch.timing == t for m in c.matches for ch in m.changes)]
+
+
+def _ratio_table(c: Comparison, fmt: str) -> str:
+    timings = _timings_present(c)
+    body = []
+    for m in c.matches:
+        ratios = {ch.timing: ch.ratio for ch in m.changes}
+        body.append([m.name, *(ratios.get(t, "") for t in timings), m.detail()])
+    headers = ["config", *(f"{t} ratio" for t in timings), "status"]
+    return tabulate(body, headers=headers, tablefmt=fmt, floatfmt=".3f")
+
+
+def _unmatched_table(rows: Sequence[dict], fmt: str) -> str:
+    """Unmatched configs: run name (mod, shape, dtype) plus what the name does not show."""
+    extra = [k for k in ("device", "timer", "dynamic", "max_autotune") if any(k in r for r in rows)]
+    extra += sorted({k for r in rows for k in r if k.startswith("ko_")})
+    body = [
+        [r.get("run_name", ""), *(r.get(k, "") for k in extra), r.get("status", "")] for r in rows
+    ]
+    return tabulate(body, headers=["config", *extra, "status"], tablefmt=fmt)
+
+
+def render_compare(c: Comparison, fmt: str = "table") -> str:
+    """The comparison as a table of per-config ratios (contender/base, above 1 = slower) with
+    unmatched configs listed, as `markdown` for a pull request, or as `json`/`csv`."""
+    if fmt == "json":
+        return to_json(_compare_data(c))
+    if fmt == "csv":
+        return _compare_csv(c)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    tablefmt = "github"
+    bold = "**" if fmt == "markdown" else ""
+    parts = [
+        f"{bold}flexbench compare{bold}: base {c.base_label} vs contender {c.contender_label}",
+        f"{c.headline()}; ratios are contender/base times (above 1 = slower)",
+        "",
+        _ratio_table(c, tablefmt),
+    ]
+    for title, rows in (("Only in base", c.only_base), ("Only in contender", c.only_contender)):
+        if rows:
+            parts += [
+                "",
+                f"{bold}{title} ({len(rows)}){bold}",
+                "",
+                _unmatched_table(rows, tablefmt),
+            ]
+    return "\n".join(parts) + "\n"
+
+
+def _compare_data(c: Comparison) -> dict:
+    def config(r: dict) -> dict:
+        return {
+            "run_name": r.get("run_name", ""),
+            "run_id": r.get("run_id", ""),
+            **{k: r.get(k, "") for k in MATCH},
+        }
+
+    return {
+        "base": c.base_label,
+        "contender": c.contender_label,
+        "threshold": c.threshold,
+        "regressions": len(c.regressions),
+        "matched": [
+            {
+                **config(m.base),
+                "contender_run_id": m.contender.get("run_id", ""),
+                "status": m.status,
+                "timings": {ch.timing: {**vars(ch), "ratio": ch.ratio} for ch in m.changes},
+            }
+            for m in c.matches
+        ],
+        "only_base": [config(r) for r in c.only_base],
+        "only_contender": [config(r) for r in c.only_contender],
+    }
+
+
+def _compare_csv(c: Comparison) -> str:
+    """One line per (config, timing); unmatched configs with their side and no timings."""
+    keys = [
+        "config",
+        "status",
+        "timing",
+        "base_us",
+        "contender_us",
+        "ratio",
+        "base_spread_us",
+        "contender_spread_us",
+        "verdict",
+    ]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for m in c.matches:
+        for ch in m.changes or [None]:
+            timing = {**vars(ch), "ratio": ch.ratio} if ch else {}
+            writer.writerow({"config": m.name, "status": m.status, **timing})
+    for side, rows in (("only in base", c.only_base), ("only in contender", c.only_contender)):
+        writer.writerows({"config": r.get("run_name", ""), "status": side} for r in rows)
+    return buf.getvalue()
 
 
 # --- flexbench tune: default vs best kernel options ------------------------------------------

@@ -1,0 +1,118 @@
+"""The MLflow UI shows a real sweep: headless Debian Chromium (Playwright) on `mlflow server`.
+
+Opens the experiment's runs table, expands the sweep run (children sit collapsed under it),
+adds the `fwd_speedup` metric column through the UI's column selector, and checks that every
+child run's readable name and its speedup are on screen. Leaves a screenshot in the test's
+temp dir.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flexbench import sweep
+from flexbench.config import expand_sweep
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+UI_TIMEOUT_MS = 120_000  # the first page load compiles the UI's bundle on a busy 2-core machine
+EXPERIMENT = "browser"
+SPEEDUP_COL = "metrics.`fwd_speedup`"  # the runs table's (ag-grid) column id
+NOISE_COLUMNS = ("Dataset", "Source", "Models")  # empty for flexbench runs: make room
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium")
+
+
+@pytest.fixture(scope="module")
+def ui_sweep(mlflow_server, tmp_path_factory):
+    """A real tiny CPU sweep (noop, causal) in its own experiment."""
+    configs = expand_sweep([1], [2], [128], [16], ["noop", "causal"], ["float32"], device="cpu")
+    journal = tmp_path_factory.mktemp("journal") / "journal.jsonl"
+    out = sweep.run_sweep(
+        configs, EXPERIMENT, mlflow_server.uri, str(journal), run_name="ui sweep", progress=False
+    )
+    assert out.offline is None and out.failed == 0
+    return out
+
+
+def tree_checkbox(page, title: str):
+    """The checkbox of one entry in the UI's column selector tree."""
+    name = page.locator(".du-bois-light-tree-title", has_text=re.compile(f"^{title}$"))
+    return (
+        page.locator(".du-bois-light-tree-treenode")
+        .filter(has=name)
+        .locator(".du-bois-light-tree-checkbox")
+    )
+
+
+def choose_columns(page, add: str, remove: tuple[str, ...]) -> None:
+    """Add a metric column and drop some attribute columns via the Columns selector."""
+    page.get_by_role("button", name="Columns").click()
+    for title in remove:
+        tree_checkbox(page, title).click()
+    page.get_by_placeholder("Search columns").fill(add)
+    tree_checkbox(page, add).click()
+    page.keyboard.press("Escape")
+
+
+def cell(page, run_name: str, col_id: str) -> str:
+    """Text of one run's cell: the pinned name and the metric sit in separate ag-grid row
+    elements that share a row-index."""
+    index = page.locator(".ag-row").filter(has_text=run_name).first.get_attribute("row-index")
+    target = page.locator(f'.ag-row[row-index="{index}"] [col-id="{col_id}"]')
+    assert target.is_visible()
+    return target.inner_text()
+
+
+def widen_run_names(page) -> None:
+    """Auto-size the Run Name column (double-click its resize handle) so names show whole."""
+    header = page.get_by_role("columnheader", name="Run Name")
+    handle = header.locator(".ag-header-cell-resize")
+    if handle.count():
+        handle.first.dblclick()
+
+
+def test_child_runs_and_speedup_visible_in_mlflow_ui(mlflow_server, ui_sweep, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    exp_id = MlflowClient(mlflow_server.uri).get_experiment_by_name(EXPERIMENT).experiment_id
+    names = [r["run_name"] for r in ui_sweep.records]
+    # The table prints the full float (JS and Python print the same shortest repr): a prefix.
+    speedups = [str(r["metrics"]["fwd_speedup"])[:6] for r in ui_sweep.records]
+    shot = tmp_path / "mlflow-runs.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1920, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs")
+            parent = page.get_by_role("row").filter(has_text="ui sweep")
+            parent.wait_for(timeout=UI_TIMEOUT_MS)
+            assistant = page.get_by_role("button", name="Close")
+            if assistant.count():
+                assistant.first.click()
+            parent.locator('[data-component-id*="runnamecellrenderer"]').first.click()
+            for name in names:
+                page.get_by_text(name, exact=True).wait_for()
+            choose_columns(page, "fwd_speedup", NOISE_COLUMNS)
+            page.locator(f'[role="columnheader"][col-id="{SPEEDUP_COL}"]').wait_for()
+            widen_run_names(page)
+            for name, speedup in zip(names, speedups):
+                assert page.get_by_text(name, exact=True).is_visible()
+                assert cell(page, name, SPEEDUP_COL).startswith(speedup)
+        finally:
+            page.screenshot(path=str(shot))  # also when it failed: shows what the UI showed
+            browser.close()
+    assert shot.stat().st_size > 10_000

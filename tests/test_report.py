@@ -1,0 +1,433 @@
+"""`flexbench summary` and `flexbench compare` reading a real loopback `mlflow server`.
+
+One real tiny CPU sweep (2 configs, forward only) gives the measured records. Further sweeps
+are written through `tracking` (sweep run + one child per record, as `flexbench run` logs
+them) from those records: an identical copy, timings scaled by 1.2, a quiet or noisy spread,
+another torch version. That is real MLflow data, only not re-measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import shlex
+import time
+import uuid
+
+import pytest
+
+from flexbench import cli, query, report, sweep, tracking
+from flexbench.config import expand_sweep
+from tests.servers import free_port
+
+OLD_TORCH = "2.10.0"
+SLOWDOWN = 1.2
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def flexbench(capsys: pytest.CaptureFixture, command: str) -> tuple[int, str, str]:
+    """Run `flexbench <command>` in process: (exit code, stdout, stderr)."""
+    try:
+        cli.main(shlex.split(command))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def record_of(entry: dict) -> dict:
+    """The measured record inside a journal entry (what `measure.Result.record()` gave)."""
+    keys = ("config_key", "run_name", "params", "metrics", "status", "error")
+    return copy.deepcopy({k: entry[k] for k in keys})
+
+
+def with_spread(record: dict, relative: float) -> dict:
+    """p20/p80 of every forward timing set to median -/+ relative*median."""
+    out = copy.deepcopy(record)
+    m = out["metrics"]
+    for t in ("fwd_eager_us", "fwd_compiled_us"):
+        m[f"{t}_p20"], m[f"{t}_p80"] = m[t] * (1 - relative), m[t] * (1 + relative)
+    return out
+
+
+def slower(record: dict, factor: float) -> dict:
+    """Compiled flex `factor` times slower (median and spread), speedup to match."""
+    out = copy.deepcopy(record)
+    m = out["metrics"]
+    for key in ("fwd_compiled_us", "fwd_compiled_us_p20", "fwd_compiled_us_p80"):
+        m[key] *= factor
+    m["fwd_compiled_tflops"] /= factor
+    m["fwd_speedup"] = m["fwd_eager_us"] / m["fwd_compiled_us"]
+    return out
+
+
+def longer(record: dict, q_len: int) -> dict:
+    """The same record as if measured at another sequence length (another config)."""
+    out = copy.deepcopy(record)
+    p = out["params"]
+    p["q_len"] = p["kv_len"] = str(q_len)
+    p["shape"] = f"{p['batch']},{p['heads']},{q_len},{p['head_dim']}"
+    out["run_name"] = out["run_name"].replace(" s128 ", f" s{q_len} ")
+    out["config_key"] = uuid.uuid4().hex[:16]
+    return out
+
+
+def log_sweep(
+    uri: str,
+    experiment: str,
+    records: list[dict],
+    tags: dict[str, str],
+    name: str,
+    sweep_id: str | None = None,
+) -> str:
+    """A sweep run with one child run per record, logged through `tracking` like `flexbench
+    run` logs a sweep. Returns the sweep run id."""
+    client = tracking.client_for(uri)
+    exp_id = tracking.experiment_id(client, experiment)
+    now = int(time.time() * 1000)
+    sweep_entry = {
+        "sweep_id": sweep_id or uuid.uuid4().hex[:12],
+        "part_id": uuid.uuid4().hex,
+        "experiment": experiment,
+        "params": {"configs": str(len(records))},
+        "tags": tags,
+        "run_name": name,
+        "start_ms": now,
+        "run_id": None,
+    }
+    parent = tracking.start_sweep_run(client, exp_id, sweep_entry)
+    entries = [tracking.result_entry(r, sweep_entry, tags, now, now + 1) for r in records]
+    for entry in entries:
+        tracking.log_child(client, exp_id, parent, entry)
+    tracking.finish_sweep_run(client, parent, entries, terminate=True)
+    return parent
+
+
+# --- data: one real sweep, synthetic sweeps from its records ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def measured(mlflow_server, tmp_path_factory):
+    """A real CPU sweep (noop, causal; b1 h2 s128 d16 fp32) in experiment `summary`."""
+    configs = expand_sweep([1], [2], [128], [16], ["noop", "causal"], ["float32"], device="cpu")
+    journal = tmp_path_factory.mktemp("journal") / "journal.jsonl"
+    out = sweep.run_sweep(
+        configs, "summary", mlflow_server.uri, str(journal), progress=False, warn=print
+    )
+    assert out.offline is None and out.failed == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_sweeps(mlflow_server, measured):
+    """Experiment `summary`: the real sweep, then the same records under torch 2.10.0."""
+    records = [record_of(e) for e in measured.records]
+    tags = {**measured.records[0]["tags"], "torch": OLD_TORCH}
+    old = log_sweep(mlflow_server.uri, "summary", records, tags, "older torch")
+    return {"real": measured.run_id, "old": old, "torch": measured.records[0]["tags"]["torch"]}
+
+
+@pytest.fixture(scope="module")
+def compared(mlflow_server, measured):
+    """Experiment `compare`: sweeps derived from the real records, one per comparison."""
+    real = [record_of(e) for e in measured.records]
+    tags = measured.records[0]["tags"]
+    quiet = [with_spread(r, 0.01) for r in real]  # a quiet GPU's 1% spread
+    noisy = [with_spread(r, 0.25) for r in real]  # wider than the 20% change
+    sweeps = {
+        "base": (quiet, "2.10.0"),
+        "copy": (copy.deepcopy(quiet), "2.10.0+copy"),
+        "slow": ([slower(r, SLOWDOWN) for r in quiet], "2.11.0"),
+        "noisy": (noisy, "2.10.0+noisy"),
+        "noisy_slow": ([slower(r, SLOWDOWN) for r in noisy], "2.11.0+noisy"),
+        "partial": ([quiet[0], longer(quiet[0], 256)], "2.11.0+partial"),
+    }
+    return {
+        name: log_sweep(mlflow_server.uri, "compare", recs, {**tags, "torch": torch}, name)
+        for name, (recs, torch) in sweeps.items()
+    }
+
+
+# --- pure functions --------------------------------------------------------------------------
+
+
+def test_where_keeps_commas_in_values_and_maps_params_and_tags():
+    clauses = query.parse_where(["shape=1,16,512,64,dtype=bf16", "torch!=2.10.0,gpu=H100"])
+    assert [(c.key, c.op, c.value) for c in clauses] == [
+        ("shape", "=", "1,16,512,64"),
+        ("dtype", "=", "bfloat16"),
+        ("torch", "!=", "2.10.0"),
+        ("gpu", "=", "H100"),
+    ]
+    assert clauses[0].filter() == "params.`shape` = '1,16,512,64'"
+    assert clauses[2].filter() == "tags.`torch` != '2.10.0'"
+
+
+@pytest.mark.parametrize(
+    "where, named", [("colour=red", "colour"), ("score_mod", "score_mod"), ("dtype=", "dtype=")]
+)
+def test_where_rejects_bad_clauses_naming_them(where, named):
+    with pytest.raises(ValueError, match=named):
+        query.parse_where([where])
+
+
+def test_verdict_needs_both_threshold_and_spread():
+    # +20% with 2 µs spreads: beyond 5% and beyond the spread.
+    assert report.verdict(100.0, 120.0, 2.0, 2.4, 0.05) == "regression"
+    # +4%: under the threshold.
+    assert report.verdict(100.0, 104.0, 0.5, 0.5, 0.05) == ""
+    # +20% but the contender's p20-p80 spans 30 µs: within the noise.
+    assert report.verdict(100.0, 120.0, 10.0, 30.0, 0.05) == ""
+    # -20%, tight: an improvement.
+    assert report.verdict(100.0, 80.0, 1.0, 1.0, 0.05) == "improvement"
+
+
+def test_pair_counts_a_config_that_now_fails_as_a_regression():
+    base = {
+        "shape": "1,2,128,16",
+        "run_name": "causal",
+        "status": "FINISHED",
+        "fwd_compiled_us": 10.0,
+        "torch": "2.10.0",
+    }
+    failed = {**base, "status": "FAILED", "error": "OutOfMemoryError: boom", "torch": "2.11.0"}
+    del failed["fwd_compiled_us"]
+    result = report.pair([base], [failed])
+    assert [m.status for m in result.matches] == ["now fails"]  # environment is not identity
+    assert result.exit_code == 1 and "OutOfMemoryError" in result.matches[0].detail()
+    assert report.pair([failed], [base]).exit_code == 0  # now passes
+
+
+def test_table_keeps_fractional_speedups():
+    rows = [
+        {
+            "shape": "1,2,128,16",
+            "score_mod": "noop",
+            "dtype": "float32",
+            "fwd_speedup": 2.345,
+            "status": "FINISHED",
+        }
+    ]
+    assert "2.345" in report.results_table(rows)
+
+
+def test_figure_of_a_huge_sweep_stays_a_sane_size():
+    rows = [{"run_name": f"c{i}", "fwd_speedup": 1.0, "status": "FINISHED"} for i in range(200)]
+    figure = report.speedup_figure(rows)
+    try:
+        assert figure.get_size_inches()[0] <= report.FIGURE_MAX_IN
+    finally:
+        report.close(figure)
+
+
+# --- summary ---------------------------------------------------------------------------------
+
+
+def test_summary_table_is_the_sweeps_tables_from_mlflow(mlflow_server, measured, capsys):
+    code, out, _ = flexbench(
+        capsys,
+        f"summary --tracking-uri {mlflow_server.uri} --experiment summary "
+        f"--sweep {measured.run_id}",
+    )
+    assert code == 0
+    assert f"sweep run {measured.run_id}" in out
+    assert "FWD Speedups" in out and "Average" in out
+    for entry in measured.records:
+        assert entry["params"]["score_mod"] in out
+        assert f"{entry['metrics']['fwd_speedup']:.3f}" in out
+
+
+def test_summary_json_rows_and_aggregates(mlflow_server, measured, capsys):
+    code, out, _ = flexbench(
+        capsys,
+        f"summary --tracking-uri {mlflow_server.uri} --experiment summary "
+        f"--sweep {measured.run_id} --format json",
+    )
+    assert code == 0
+    data = json.loads(out)
+    by_name = {r["run_name"]: r for r in data["rows"]}
+    assert set(by_name) == {e["run_name"] for e in measured.records}
+    speedups = []
+    for entry in measured.records:
+        row = by_name[entry["run_name"]]
+        assert row["fwd_speedup"] == pytest.approx(entry["metrics"]["fwd_speedup"])
+        assert row["shape"] == "1,2,128,16" and row["batch"] == 1
+        assert row["flexbench.sweep_id"] == measured.sweep_id
+        speedups.append(entry["metrics"]["fwd_speedup"])
+    agg = data["aggregates"]
+    assert agg["configs_total"] == 2 and agg["configs_failed"] == 0
+    assert agg["fwd"]["average"] == pytest.approx(sum(speedups) / 2)
+    assert agg["fwd"]["max"]["speedup"] == pytest.approx(max(speedups))
+    assert "bwd" not in agg
+
+
+def test_summary_markdown_and_csv(mlflow_server, measured, capsys):
+    base = f"summary --tracking-uri {mlflow_server.uri} --experiment summary"
+    code, md, _ = flexbench(capsys, f"{base} --sweep {measured.run_id} --format markdown")
+    assert code == 0
+    assert md.startswith("**flexbench summary of sweep run")
+    assert "| shape" in md and "|--" in md and "FWD Speedups" in md
+    code, text, _ = flexbench(capsys, f"{base} --sweep {measured.run_id} --format csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert code == 0 and {r["score_mod"] for r in rows} == {"noop", "causal"}
+
+
+def test_summary_defaults_to_latest_sweep(mlflow_server, two_sweeps):
+    result = report.summary(mlflow_server.uri, "summary")
+    assert {r["torch"] for r in result.rows} == {OLD_TORCH}
+    assert {r["sweep_run_id"] for r in result.rows} == {two_sweeps["old"]}
+    assert result.source.startswith("latest sweep")
+
+
+def test_filters_across_two_sweeps(mlflow_server, two_sweeps):
+    uri = mlflow_server.uri
+    new = report.summary(uri, "summary", "all", [f"torch={two_sweeps['torch']}"])
+    assert {r["sweep_run_id"] for r in new.rows} == {two_sweeps["real"]}
+    causal = report.summary(uri, "summary", "all", ["score_mod=causal,dtype=float32"])
+    assert len(causal.rows) == 2
+    assert {r["torch"] for r in causal.rows} == {two_sweeps["torch"], OLD_TORCH}
+    assert all(r["score_mod"] == "causal" for r in causal.rows)
+    table = report.render_summary(causal, "table")
+    assert "torch" in table.splitlines()[2]  # torch differs between rows: it gets a column
+    narrowed = report.summary(uri, "summary", "all", [f"torch={OLD_TORCH}", "score_mod=noop"])
+    assert [r["sweep_run_id"] for r in narrowed.rows] == [two_sweeps["old"]]
+
+
+def test_summary_by_sweep_id_unites_shards(mlflow_server, measured):
+    records = [record_of(e) for e in measured.records]
+    tags = measured.records[0]["tags"]
+    shared = uuid.uuid4().hex[:12]
+    shards = [
+        log_sweep(mlflow_server.uri, "shards", [rec], tags, f"shard {i}", sweep_id=shared)
+        for i, rec in enumerate(records)
+    ]
+    result = report.summary(mlflow_server.uri, "shards", sweep_id=shared)
+    assert {r["sweep_run_id"] for r in result.rows} == set(shards)
+    latest = report.summary(mlflow_server.uri, "shards")
+    assert len(latest.rows) == len(records)
+
+
+def test_summary_reads_its_experiment_under_mlflow_run(
+    mlflow_server, two_sweeps, monkeypatch, capsys
+):
+    """`mlflow run -e summary` sets the tracking URI, experiment and run of its own run."""
+    client = tracking.client_for(mlflow_server.uri)
+    other = tracking.experiment_id(client, "mlproject-summary")
+    own_run = client.create_run(other).info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", other)
+    monkeypatch.setenv("MLFLOW_RUN_ID", own_run)
+    code, out, _ = flexbench(capsys, "summary --experiment summary --format json")
+    assert code == 0
+    assert {r["sweep_run_id"] for r in json.loads(out)["rows"]} == {two_sweeps["old"]}
+
+
+def test_summary_errors_are_one_line(mlflow_server, capsys):
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, out, err = flexbench(capsys, f"summary --tracking-uri {dead}")
+    assert code == 1 and out == ""
+    assert err.startswith("Error: tracking server unreachable at http://127.0.0.1:")
+    assert len(err.strip().splitlines()) == 1
+    live = f"summary --tracking-uri {mlflow_server.uri}"
+    code, _, err = flexbench(capsys, f"{live} --where score_mod")
+    assert code == 2 and "--where: 'score_mod' is not KEY=VALUE" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = flexbench(capsys, f"{live} --experiment no-such-experiment")
+    assert code == 1 and "no experiment 'no-such-experiment'" in err
+    code, _, err = flexbench(capsys, f"{live} --sweep {'0' * 32}")
+    assert code == 1 and f"no run '{'0' * 32}'" in err
+
+
+# --- compare ---------------------------------------------------------------------------------
+
+
+def test_compare_flags_a_20_percent_slowdown(mlflow_server, compared, capsys):
+    code, out, _ = flexbench(
+        capsys,
+        f"compare {compared['base']} {compared['slow']} --tracking-uri {mlflow_server.uri} "
+        "--format markdown",
+    )
+    assert code == 1
+    assert out.startswith("**flexbench compare**") and "2 regressed" in out
+    assert out.count("regression: fwd_compiled_us +20.0%") == 2
+    assert "fwd_eager_us +" not in out  # SDPA did not change
+    lines = [line for line in out.splitlines() if line.startswith("| causal")]
+    assert lines and "1.200" in lines[0]
+
+
+def test_compare_by_filters_is_the_ci_gate(mlflow_server, compared, capsys):
+    code, out, _ = flexbench(
+        capsys,
+        f"compare --tracking-uri {mlflow_server.uri} --experiment compare --format json "
+        "--base-where torch=2.10.0 --contender-where torch=2.11.0",
+    )
+    data = json.loads(out)
+    assert code == 1 and data["regressions"] == 2
+    timing = data["matched"][0]["timings"]["fwd_compiled_us"]
+    assert timing["ratio"] == pytest.approx(SLOWDOWN)
+    assert timing["verdict"] == "regression"
+
+
+def test_compare_identical_data_passes(mlflow_server, compared, capsys):
+    code, out, _ = flexbench(
+        capsys, f"compare {compared['base']} {compared['copy']} --tracking-uri {mlflow_server.uri}"
+    )
+    assert code == 0
+    assert "2 configs matched, 0 regressed" in out and out.count("unchanged") == 2
+
+
+def test_compare_ignores_a_slowdown_within_the_spread(mlflow_server, compared):
+    result = report.compare(
+        query.Selection(compared["noisy"]),
+        query.Selection(compared["noisy_slow"]),
+        mlflow_server.uri,
+    )
+    assert [m.status for m in result.matches] == ["unchanged", "unchanged"]
+    assert result.exit_code == 0
+    strict = report.compare(
+        query.Selection(compared["base"]),
+        query.Selection(compared["slow"]),
+        mlflow_server.uri,
+        threshold=0.25,
+    )
+    assert strict.exit_code == 0  # 20% is under a 25% threshold
+
+
+def test_compare_lists_unmatched_configs(mlflow_server, compared, capsys):
+    code, out, _ = flexbench(
+        capsys,
+        f"compare {compared['base']} {compared['partial']} --tracking-uri {mlflow_server.uri}",
+    )
+    assert code == 0
+    assert "1 only in base, 1 only in contender" in out
+    base_only = out.split("Only in base (1)")[1].split("Only in contender")[0]
+    assert "causal b1 h2 s128 d16 fp32" in base_only
+    assert "noop b1 h2 s256 d16 fp32" in out.split("Only in contender (1)")[1]
+
+
+def test_compare_needs_two_sides(mlflow_server, compared, capsys):
+    code, _, err = flexbench(
+        capsys, f"compare {compared['base']} --tracking-uri {mlflow_server.uri}"
+    )
+    assert code == 2 and "no contender" in err
+
+
+def test_database_reader_matches_the_server(mlflow_server, two_sweeps):
+    """A database URI is read with plain SQL; the server with search_runs: same rows."""
+    assert query.is_database(mlflow_server.backend_uri)
+    selections = [
+        query.Selection(),
+        query.Selection(two_sweeps["real"]),
+        query.Selection("all", where=("score_mod=causal", "status=finished")),
+        query.Selection("all", where=(f"torch!={OLD_TORCH}",)),
+    ]
+    for sel in selections:
+        via_server = query.read(sel, mlflow_server.uri, "summary")
+        via_database = query.read(sel, mlflow_server.backend_uri, "summary")
+        assert via_database == via_server
+        assert via_server[0]
