@@ -12,6 +12,8 @@ Examples:
   flexbench run -b 8 -nh 16 -s 1024,4096 -d 64,128 -mods noop,causal --calculate-bwd
   flexbench run --device cpu -b 1 -nh 4 -s 256 -d 64 -mods causal,softcap:20 -dtype float32
   flexbench run -nh 32 --kv-heads 8 -s 2048 --kv-len 8192 -mods causal
+  flexbench run --gpus all                                  # one worker per local GPU
+  flexbench run --shard 0/2 --sweep-id nightly-42   # then --shard 1/2 on another host
 """
 
 
@@ -74,6 +76,48 @@ def switch(name: str, help: str) -> Callable:
         metavar="[=true|false]",
         help=help,
     )
+
+
+class ShardType(click.ParamType):
+    """`I/N`: the I-th of N disjoint slices, counted from 0 (0/N .. N-1/N, as Slurm's
+    `--array=0-(N-1)` and CUDA device ids count)."""
+
+    name = "I/N"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, tuple):
+            return value
+        index, _, count = str(value).partition("/")
+        if not (index.strip().isdigit() and count.strip().isdigit()):
+            self.fail(f"'{value}' is not I/N like 0/4 (I counts from 0)", param, ctx)
+        i, n = int(index), int(count)
+        if n < 1:
+            self.fail(f"{value}: N, the number of shards, must be at least 1", param, ctx)
+        if i >= n:
+            self.fail(
+                f"{value} is out of range: I counts from 0 to N-1 (0/{n} .. {n - 1}/{n})",
+                param,
+                ctx,
+            )
+        return i, n
+
+
+class GpuList(click.ParamType):
+    """`all`, or local GPU ids like `0,1` (indices among the GPUs torch sees)."""
+
+    name = "0,1|all"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        if not isinstance(value, str):
+            return value
+        if value.strip() == "all":
+            return "all"
+        ids = _split((value,))
+        if not ids or not all(v.isdigit() for v in ids):
+            self.fail(f"'{value}' is not 'all' or GPU ids like 0,1", param, ctx)
+        if len(set(ids)) != len(ids):
+            self.fail(f"'{value}' names a GPU twice", param, ctx)
+        return [int(v) for v in ids]
 
 
 EPILOG_GROUP = """\b
@@ -197,13 +241,31 @@ def _default_device(device: str) -> str:
     default=None,
     help="offline journal (default: $FLEXBENCH_JOURNAL or .flexbench/journal.jsonl)",
 )
-@click.option("--sweep-id", default=None, help="share one sweep id across shards")
+@click.option(
+    "--sweep-id",
+    default=None,
+    help="the sweep's id (tag flexbench.sweep_id); give every shard the same one "
+    "(default: a new id, printed)",
+)
+@click.option(
+    "--shard",
+    type=ShardType(),
+    default=None,
+    help="measure only slice I of N (I from 0 to N-1), e.g. per host or Slurm array task",
+)
+@click.option(
+    "--gpus",
+    type=GpuList(),
+    default=None,
+    help="one worker process per local GPU (0,1 or all), each on its slice of the sweep",
+)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def run(**opts: object) -> None:
     """Sweep shapes x mods x dtypes: time compiled flex vs SDPA, check, log to MLflow."""
     from flexbench import sweep as api
 
-    opts["device"] = _default_device(str(opts["device"]))
+    gpu_auto = opts["gpus"] and opts["device"] == "auto"  # workers are CUDA: no CPU fallback
+    opts["device"] = "cuda" if gpu_auto else _default_device(str(opts["device"]))
     try:
         outcome = api.run(**opts)
     except ValueError as exc:

@@ -1,18 +1,26 @@
 """One tracked sweep: measure every config, journal each result, log it to MLflow.
 
-The glue between `measure` (torch) and `tracking` (MLflow); the CLI's `run` calls `run_sweep`.
+The glue between `measure` (torch) and `tracking` (MLflow); the CLI's `run` calls `run`.
+A sweep can be split: `--shard I/N` measures one of N disjoint slices (config.shard), and
+`--gpus` starts one worker process per local GPU (`python -m flexbench.sweep JOB`), each on
+its slice with CUDA_VISIBLE_DEVICES set. All parts of a sweep share one sweep id.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from flexbench import env, measure, report, tracking
-from flexbench.config import BenchConfig, expand_sweep
+from flexbench.config import BenchConfig, expand_sweep, shard
 
 
 @dataclass
@@ -27,6 +35,7 @@ class Outcome:
     journal: str = ""
     wall_s: float = 0.0
     tracking_s: float = 0.0
+    problems: list[str] = field(default_factory=list)  # e.g. a GPU worker that died
 
     @property
     def failed(self) -> int:
@@ -34,7 +43,7 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed or self.offline else 0
+        return 1 if self.failed or self.offline or self.problems else 0
 
     def tables(self) -> str:
         return report.seed_tables([report.row_from_record(r) for r in self.records])
@@ -156,9 +165,15 @@ def run(
     sweep_id: str | None = None,
     quiet: bool = False,
     warn: Callable[[str], None] | None = None,
+    shard: tuple[int, int] | None = None,
+    gpus: Sequence[int] | str | None = None,
 ) -> Outcome:
     """`flexbench run`: expand the sweep (ValueError on bad input), check the device
-    (RuntimeError), then measure and track it."""
+    (RuntimeError), then measure and track it: all of it, its `shard` (I, N) slice, or that
+    slice spread over local `gpus` (ids or "all"), one worker process per GPU."""
+    gpu_ids = visible_gpus(gpus) if gpus else []
+    if gpu_ids and device != "cuda":
+        raise ValueError("--gpus runs one CUDA worker per GPU; drop --device cpu")
     measure.check_runtime(device, calculate_bwd)
     if decode:
         seq_lens, kv_lens = [1], list(kv_lens) or list(seq_lens)
@@ -196,18 +211,179 @@ def run(
         timer=timer,
         configs=len(configs),
     )
-    return run_sweep(
-        configs,
-        experiment,
-        tracking_uri,
-        journal,
-        resume,
-        sweep_id,
-        run_name,
-        params,
-        progress=not quiet,
-        warn=warn or warn_stderr,
+    track = {
+        "experiment": experiment,
+        "tracking_uri": tracking_uri,
+        "journal": journal,
+        "resume": resume,
+        "sweep_id": sweep_id or new_sweep_id(),
+        "run_name": run_name,
+    }
+    return run_parts(configs, params, track, shard, gpu_ids, not quiet, warn or warn_stderr)
+
+
+# --- sharding: one slice here, or one worker process per local GPU ---------------------------
+
+
+def run_parts(
+    configs: Sequence[BenchConfig],
+    params: dict[str, str],
+    track: dict,
+    part: tuple[int, int] | None,
+    gpus: Sequence[str],
+    progress: bool,
+    warn: Callable[[str], None],
+) -> Outcome:
+    """Measure the whole sweep here, its `part` (I, N) slice, or that slice spread over local
+    `gpus` (CUDA_VISIBLE_DEVICES values). `track` holds run_sweep's tracking arguments."""
+    if part:
+        configs = shard_of(configs, part, track["sweep_id"], warn)
+    if gpus:
+        return run_on_gpus(configs, gpus, track, params, part or (0, 1), warn)
+    if part:
+        label = f"{part[0]}/{part[1]}"
+        params = {**params, "shard": label}
+        track = {**track, "run_name": part_name(track, label)}
+    return run_sweep(configs, **track, sweep_params=params, progress=progress, warn=warn)
+
+
+def part_name(track: dict, label: str) -> str:
+    """`sweep 3f2a9c1b7e4d shard 1/4` (or the --run-name with the shard)."""
+    return f"{track['run_name'] or 'sweep ' + track['sweep_id']} shard {label}"
+
+
+def shard_of(
+    configs: Sequence[BenchConfig], part: tuple[int, int], sweep_id: str, warn: Callable
+) -> list[BenchConfig]:
+    """This host's slice of the sweep; says which sweep id the other shards must share."""
+    mine = shard(configs, *part)
+    warn(
+        f"shard {part[0]}/{part[1]} of sweep {sweep_id}: {len(mine)} of {len(configs)} configs; "
+        f"run the other shards with --sweep-id {sweep_id}"
     )
+    return mine
+
+
+def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
+    """CUDA_VISIBLE_DEVICES values for `--gpus` ids (indices among the GPUs torch sees here)
+    or "all"; RuntimeError without CUDA, ValueError for an id that is not here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "--gpus needs CUDA GPUs and torch sees none on this machine; "
+            "drop --gpus (use --shard I/N to split a sweep across machines)"
+        )
+    count = torch.cuda.device_count()
+    ids = list(range(count)) if gpus == "all" else list(gpus)
+    missing = [g for g in ids if g >= count]
+    if missing:
+        raise ValueError(
+            f"--gpus {missing[0]} is not here: torch sees {count} GPU(s), ids 0-{count - 1}"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [v.strip() for v in visible.split(",")] if visible else [str(g) for g in range(count)]
+    return [names[g] for g in ids]
+
+
+def run_on_gpus(
+    configs: Sequence[BenchConfig],
+    devices: Sequence[str],
+    track: dict,
+    params: dict[str, str],
+    part: tuple[int, int] = (0, 1),
+    warn: Callable[[str], None] | None = None,
+) -> Outcome:
+    """One worker process per device (CUDA_VISIBLE_DEVICES=device) on its round-robin slice of
+    `configs`, all under `track["sweep_id"]`; waits for all, returns their union.
+
+    `part` (I, N) is this host's shard, so worker k records shard I + N*k of N*len(devices).
+    """
+    start, warn = time.perf_counter(), warn or warn_stderr
+    out = Outcome(track["sweep_id"], journal=str(tracking.journal_path(track["journal"])))
+    warn(f"sweep {out.sweep_id}: {len(configs)} configs over GPUs {','.join(devices)}")
+    prepare_store(track)
+    with tempfile.TemporaryDirectory(prefix="flexbench-gpus-") as tmp:
+        workers = []
+        for k, device in enumerate(devices):
+            mine = shard(configs, k, len(devices))
+            if mine:
+                index, count = part[0] + part[1] * k, part[1] * len(devices)
+                job = _job(mine, track, params, index, count, device)
+                workers.append(_spawn(Path(tmp) / f"worker{k}", job, device, warn))
+        for device, proc, result in workers:
+            _collect(out, device, proc.wait(), result)
+    order = {c.config_key(): i for i, c in enumerate(configs)}
+    out.records.sort(key=lambda r: order.get(r.get("config_key"), len(order)))
+    out.wall_s = time.perf_counter() - start
+    return out
+
+
+def prepare_store(track: dict) -> None:
+    """Create the tracking store and the experiment once, before workers race to do it (two
+    processes initialising a new SQLite store fail with 'duplicate column name')."""
+    uri = tracking.resolve_uri(track["tracking_uri"])
+    tracking.Tracker(uri, track["experiment"], tracking.Journal(track["journal"])).connect()
+
+
+def _job(
+    mine: list[BenchConfig],
+    track: dict,
+    params: dict[str, str],
+    index: int,
+    count: int,
+    device: str,
+) -> dict:
+    """What one worker needs: its configs and the sweep's tracking settings."""
+    label = f"{index}/{count}"
+    return {
+        "configs": [c.identity() for c in mine],
+        "track": {
+            **track,
+            "run_name": part_name(track, label),
+            "sweep_params": {**params, "shard": label, "cuda_visible_devices": device},
+        },
+    }
+
+
+def _spawn(base: Path, job: dict, device: str, warn: Callable) -> tuple:
+    """Start `python -m flexbench.sweep JOB RESULT` on one device."""
+    job_path, result = base.with_suffix(".job.json"), base.with_suffix(".out.json")
+    job_path.write_text(json.dumps(job), encoding="utf-8")
+    env_ = {**os.environ, "CUDA_VISIBLE_DEVICES": device, "FLEXBENCH_WORKER": device}
+    env_.pop("MLFLOW_RUN_ID", None)  # each worker logs its own sweep run, not `mlflow run`'s
+    warn(f"[gpu {device}] {len(job['configs'])} configs, {job['track']['run_name']}")
+    cmd = [sys.executable, "-m", "flexbench.sweep", str(job_path), str(result)]
+    return device, subprocess.Popen(cmd, env=env_, stdout=subprocess.DEVNULL), result
+
+
+def _collect(out: Outcome, device: str, code: int, result: Path) -> None:
+    """Fold one worker's outcome into the union (or name the worker that died)."""
+    if not result.exists():
+        out.problems.append(
+            f"worker on GPU {device} exited with code {code} before finishing "
+            "(its results so far are in the journal)"
+        )
+        return
+    part = Outcome(**json.loads(result.read_text(encoding="utf-8")))
+    out.records += part.records
+    out.skipped += part.skipped
+    out.offline = out.offline or part.offline
+    out.run_id = ",".join(filter(None, (out.run_id, part.run_id)))
+    out.tracking_s += part.tracking_s
+    out.problems += part.problems
+
+
+def worker(job_path: str, result_path: str) -> int:
+    """A `--gpus` worker: measure the job's configs, write the Outcome as JSON."""
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    configs = [BenchConfig(**c) for c in job["configs"]]
+    prefix = f"[gpu {os.environ.get('FLEXBENCH_WORKER', '?')}] "
+    outcome = run_sweep(
+        configs, **job["track"], progress=False, warn=lambda m: warn_stderr(prefix + m)
+    )
+    Path(result_path).write_text(json.dumps(asdict(outcome)), encoding="utf-8")
+    return 0
 
 
 def warn_stderr(message: str) -> None:
@@ -233,8 +409,15 @@ def closing_line(out: Outcome) -> str:
         f"sweep {out.sweep_id}: {len(out.records)} configs, {out.failed} failed, "
         f"{out.skipped} skipped, {out.wall_s:.1f} s"
     )
+    if out.problems:
+        line += "; " + "; ".join(out.problems)
     if out.offline:
         return (
             line + f"; NOT all logged ({out.offline}): run `flexbench sync --journal {out.journal}`"
         )
-    return line + f"; sweep run {out.run_id}"
+    runs = out.run_id.split(",")
+    return line + (f"; sweep runs {', '.join(runs)}" if len(runs) > 1 else f"; sweep run {runs[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(worker(*sys.argv[1:3]))
