@@ -9,8 +9,9 @@ Two readers give the same rows for the same filters:
 - `MlflowReader` (any tracking URI): paginated `search_runs`, filtered on the server.
 - `SqlReader` (a database store: sqlite, postgresql, mysql): reads MLflow's own tables
   (`runs`, `tags`, `params`, `latest_metrics`) with four plain queries. MLflow's SQL store
-  builds ~55 ORM objects per run and expires them all on commit: 56 s for 10,000 runs on the
-  project's 2-core machine, where plain rows take ~2 s (benchmarks/summary_scale.py).
+  builds ~55 ORM objects per run and expires them all on commit: for 10,000 runs on the
+  project's busy 2-core machine, search_runs took 56 s (15-20 s with the garbage collector
+  paused), the four queries 1.4-3.5 s (benchmarks/summary_scale.py).
 """
 
 from __future__ import annotations

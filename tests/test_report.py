@@ -379,6 +379,14 @@ def test_compare_identical_data_passes(mlflow_server, compared, capsys):
     )
     assert code == 0
     assert "2 configs matched, 0 regressed" in out and out.count("unchanged") == 2
+    code, text, _ = flexbench(
+        capsys,
+        f"compare {compared['base']} {compared['copy']} --tracking-uri {mlflow_server.uri} "
+        "--format csv",
+    )
+    lines = list(csv.DictReader(io.StringIO(text)))
+    assert code == 0 and {line["timing"] for line in lines} == {"fwd_eager_us", "fwd_compiled_us"}
+    assert all(float(line["ratio"]) == 1.0 and line["verdict"] == "" for line in lines)
 
 
 def test_compare_ignores_a_slowdown_within_the_spread(mlflow_server, compared):
