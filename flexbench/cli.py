@@ -12,7 +12,7 @@ Examples:
   flexbench run -b 8 -nh 16 -s 1024,4096 -d 64,128 -mods noop,causal --calculate-bwd
   flexbench run --device cpu -b 1 -nh 4 -s 256 -d 64 -mods causal,softcap:20 -dtype float32
   flexbench run -nh 32 --kv-heads 8 -s 2048 --kv-len 8192 -mods causal
-  flexbench run --gpus all                                  # one worker per local GPU
+  flexbench run --gpus all                          # one worker process per local GPU
   flexbench run --shard 0/2 --sweep-id nightly-42   # then --shard 1/2 on another host
 """
 
@@ -110,7 +110,7 @@ class GpuList(click.ParamType):
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
         if not isinstance(value, str):
             return value
-        if value.strip() == "all":
+        if value.strip().lower() == "all":
             return "all"
         ids = _split((value,))
         if not ids or not all(v.isdigit() for v in ids):
