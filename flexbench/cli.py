@@ -223,10 +223,11 @@ def _default_device(device: str) -> str:
 )
 @click.option(
     "--timer",
-    type=click.Choice(["auto", "do_bench", "cudagraph", "cpu"]),
+    type=click.Choice(["auto", "do_bench", "cudagraph", "cudagraph_fwd", "cpu"]),
     default="auto",
     show_default=True,
-    help="auto: do_bench on CUDA (cudagraph when decoding), cpu on CPU",
+    help="auto: on CUDA cudagraph_fwd (forward from a CUDA graph, backward with do_bench; "
+    "cudagraph when decoding), cpu on CPU",
 )
 @click.option("--experiment", default="flexbench", show_default=True, help="MLflow experiment")
 @click.option(

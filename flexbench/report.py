@@ -46,6 +46,8 @@ TABLE_COLUMNS = (
     "bwd_speedup",
     "bwd_eager_tflops",
     "bwd_compiled_tflops",
+    "fwd_eager_tbps",
+    "fwd_compiled_tbps",
     "sparsity",
     "max_abs_err",
 )
