@@ -7,6 +7,7 @@ record reaches the local journal before MLflow; a tracking failure turns the `Tr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -118,9 +119,13 @@ class Journal:
         self.path = journal_path(path)
 
     def append(self, entry: dict) -> None:
-        """Write one entry and force it to disk before returning."""
+        """Write one entry and force it to disk before returning.
+
+        An exclusive lock keeps whole lines when shards or GPU workers share one journal.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
             f.write(json.dumps(entry, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
