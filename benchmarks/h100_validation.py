@@ -21,8 +21,14 @@ import time
 from pathlib import Path
 
 PARTS = ("speed", "fidelity", "repeat")
-HEADLINE = dict(batch=[8], heads=[16], seq_lens=[1024, 4096], head_dims=[64, 128],
-                score_mods=["noop", "causal", "rel", "head_bias"], dtypes=["bfloat16"])
+HEADLINE = dict(
+    batch=[8],
+    heads=[16],
+    seq_lens=[1024, 4096],
+    head_dims=[64, 128],
+    score_mods=["noop", "causal", "rel", "head_bias"],
+    dtypes=["bfloat16"],
+)
 FIDELITY_SHAPES = [(2, 16, 512, 64), (8, 16, 1024, 64)]
 REPEAT_SWEEPS = 5
 PROFILE_CALLS = 20
@@ -54,9 +60,12 @@ def seed_method(configs) -> float:
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=1000):
         for c in configs:
             shape = (c.batch, c.q_len, c.heads * c.head_dim)
-            q, k, v = (torch.rand(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       .view(c.batch, c.q_len, c.heads, c.head_dim).transpose(1, 2)
-                       for _ in range(3))
+            q, k, v = (
+                torch.rand(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                .view(c.batch, c.q_len, c.heads, c.head_dim)
+                .transpose(1, 2)
+                for _ in range(3)
+            )
             compiled = torch.compile(flex_attention)
             mod = mods[c.score_mod]
             bench_us(F.scaled_dot_product_attention, q, k, v)
@@ -156,8 +165,9 @@ def repeatability(configs_for) -> dict:
     """The 4 fidelity configs in REPEAT_SWEEPS separate sweeps: CV of each median."""
     from flexbench import flops, measure
 
-    configs = [configs_for(b, h, s, d, m) for b, h, s, d in FIDELITY_SHAPES
-               for m in ("noop", "causal")]
+    configs = [
+        configs_for(b, h, s, d, m) for b, h, s, d in FIDELITY_SHAPES for m in ("noop", "causal")
+    ]
     runs = [measure.run_sweep(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
     out = {}
     for i, c in enumerate(configs):
@@ -174,13 +184,23 @@ def speed(out_dir: Path) -> dict:
 
     configs = config.expand_sweep(**HEADLINE, calculate_bwd=True, device="cuda")
     seed_s = seed_method(configs)
-    outcome = sweep.run_sweep(configs, tracking_uri=f"sqlite:///{out_dir}/validation.db",
-                              journal=str(out_dir / "validation.jsonl"), progress=False,
-                              run_name="h100-validation")
+    outcome = sweep.run_sweep(
+        configs,
+        tracking_uri=f"sqlite:///{out_dir}/validation.db",
+        journal=str(out_dir / "validation.jsonl"),
+        progress=False,
+        run_name="h100-validation",
+    )
     rows = [report.row_from_record(r) for r in outcome.records]
-    return {"seed_s": seed_s, "flexbench_s": outcome.wall_s, "tracking_s": outcome.tracking_s,
-            "ratio": outcome.wall_s / seed_s, "failed": outcome.failed,
-            "tables": report.seed_tables(rows), "rows": rows}
+    return {
+        "seed_s": seed_s,
+        "flexbench_s": outcome.wall_s,
+        "tracking_s": outcome.tracking_s,
+        "ratio": outcome.wall_s / seed_s,
+        "failed": outcome.failed,
+        "tables": report.seed_tables(rows),
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -198,29 +218,46 @@ def main() -> None:
     from flexbench import config, env
 
     def configs_for(b, h, s, d, mod):
-        return config.BenchConfig(batch=b, heads=h, q_len=s, head_dim=d, score_mod=mod,
-                                  dtype="bfloat16", calculate_bwd=not args.no_bwd,
-                                  device="cuda", timer=args.timer)
+        return config.BenchConfig(
+            batch=b,
+            heads=h,
+            q_len=s,
+            head_dim=d,
+            score_mod=mod,
+            dtype="bfloat16",
+            calculate_bwd=not args.no_bwd,
+            device="cuda",
+            timer=args.timer,
+        )
 
-    result = {"env": env.capture("cuda"), "torch": torch.__version__,
-              "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
+    result = {
+        "env": env.capture("cuda"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     parts = args.parts.split(",")
     path = args.out / "validation.json"
-    for part, fn in (("speed", lambda: speed(args.out)),
-                     ("fidelity", lambda: fidelity(configs_for, args.fidelity_mods.split(","))),
-                     ("repeat", lambda: repeatability(configs_for))):
+    for part, fn in (
+        ("speed", lambda: speed(args.out)),
+        ("fidelity", lambda: fidelity(configs_for, args.fidelity_mods.split(","))),
+        ("repeat", lambda: repeatability(configs_for)),
+    ):
         if part in parts:
             t = time.perf_counter()
             result[part] = fn()
             print(f"{part}: {time.perf_counter() - t:.1f} s", flush=True)
             print(json.dumps(result[part], indent=1, default=str)[:3000], flush=True)
             path.write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps({k: v for k, v in result.get("speed", {}).items()
-                      if k not in ("rows", "tables")}, indent=1))
+    print(
+        json.dumps(
+            {k: v for k, v in result.get("speed", {}).items() if k not in ("rows", "tables")},
+            indent=1,
+        )
+    )
     print(result.get("speed", {}).get("tables", ""))
     print(json.dumps(result.get("fidelity", []), indent=1))
-    print(json.dumps({k: round(v["cv"], 4) for k, v in result.get("repeat", {}).items()},
-                     indent=1))
+    print(json.dumps({k: round(v["cv"], 4) for k, v in result.get("repeat", {}).items()}, indent=1))
 
 
 if __name__ == "__main__":

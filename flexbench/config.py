@@ -105,8 +105,10 @@ class BenchConfig:
         if self.device == "cpu" and self.timer != "cpu":
             raise ValueError(f"timer {self.timer!r} needs CUDA; use timer 'cpu' or 'auto'")
         if self.device == "cuda" and self.timer == "cpu":
-            raise ValueError("timer 'cpu' would not wait for CUDA kernels; use 'auto', "
-                             "'do_bench' or 'cudagraph' with device cuda")
+            raise ValueError(
+                "timer 'cpu' would not wait for CUDA kernels; use 'auto', "
+                "'do_bench' or 'cudagraph' with device cuda"
+            )
 
     @property
     def shape(self) -> str:

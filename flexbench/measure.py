@@ -98,8 +98,9 @@ def dynamo_settings(dynamic: bool, recompile_limit: int) -> Iterator[None]:
     functorch_cfg = torch._functorch.config
     with (
         cfg.patch({k: v for k, v in wanted.items() if hasattr(cfg, k)}),
-        functorch_cfg.patch({"donated_buffer": False} if hasattr(functorch_cfg, "donated_buffer")
-                            else {}),
+        functorch_cfg.patch(
+            {"donated_buffer": False} if hasattr(functorch_cfg, "donated_buffer") else {}
+        ),
     ):
         yield
 

@@ -57,6 +57,35 @@ def new_sweep_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def configs_from_args(
+    batch: Sequence[int],
+    heads: Sequence[int],
+    seq_lens: Sequence[int],
+    head_dims: Sequence[int],
+    score_mods: Sequence[str],
+    dtypes: Sequence[str],
+    kv_heads: Sequence[int] = (),
+    kv_lens: Sequence[int] = (),
+    decode: bool = False,
+    **common: object,
+) -> list[BenchConfig]:
+    """The configs a `run`/`tune` command line names; --decode: q_len 1 against kv_len
+    (--kv-len, else -s). ValueError on a bad combination."""
+    if decode:
+        seq_lens, kv_lens = [1], list(kv_lens) or list(seq_lens)
+    return expand_sweep(
+        batch,
+        heads,
+        seq_lens,
+        head_dims,
+        score_mods,
+        dtypes,
+        kv_heads=list(kv_heads) or [None],
+        kv_lens=list(kv_lens) or [None],
+        **common,
+    )
+
+
 def run_sweep(
     configs: Sequence[BenchConfig],
     experiment: str = "flexbench",
@@ -175,17 +204,16 @@ def run(
     if gpu_ids and device != "cuda":
         raise ValueError("--gpus runs one CUDA worker per GPU; drop --device cpu")
     measure.check_runtime(device, calculate_bwd)
-    if decode:
-        seq_lens, kv_lens = [1], list(kv_lens) or list(seq_lens)
-    configs = expand_sweep(
+    configs = configs_from_args(
         batch,
         heads,
         seq_lens,
         head_dims,
         score_mods,
         dtypes,
-        kv_heads=list(kv_heads) or [None],
-        kv_lens=list(kv_lens) or [None],
+        kv_heads,
+        kv_lens,
+        decode,
         calculate_bwd=calculate_bwd,
         dynamic=dynamic,
         max_autotune=max_autotune,

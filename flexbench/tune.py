@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from flexbench import env, measure, mods, report, sweep, tracking
-from flexbench.config import KERNEL_OPTION_TYPES, BenchConfig, expand_sweep, with_options
+from flexbench.config import KERNEL_OPTION_TYPES, BenchConfig, with_options
 
 DEFAULT_GRID: dict[str, list] = {
     "BLOCK_M": [32, 64, 128],
@@ -444,17 +444,16 @@ def run(
     (ValueError on bad input), check the device (RuntimeError), then measure and log."""
     measure.check_runtime(device, calculate_bwd)
     grid_ = parse_grid(grid)
-    if decode:
-        seq_lens, kv_lens = [1], list(kv_lens) or list(seq_lens)
-    configs = expand_sweep(
+    configs = sweep.configs_from_args(
         batch,
         heads,
         seq_lens,
         head_dims,
         score_mods,
         dtypes,
-        kv_heads=list(kv_heads) or [None],
-        kv_lens=list(kv_lens) or [None],
+        kv_heads,
+        kv_lens,
+        decode,
         calculate_bwd=calculate_bwd,
         dynamic=dynamic,
         device=device,
