@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
@@ -15,6 +16,8 @@ Examples:
   flexbench run --gpus all                          # one worker process per local GPU
   flexbench run --shard 0/2 --sweep-id nightly-42   # then --shard 1/2 on another host
 """
+
+QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -46,10 +49,6 @@ def mod_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from None
     return names
-
-
-def str_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
-    return _split(values)
 
 
 DTYPE = click.Choice(["float16", "bfloat16", "float32"])
@@ -534,8 +533,13 @@ tune.params[:0] = [_shared_option(name, default) for name, default in TUNE_SHARE
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every error is one line on stderr (exit 2 usage, 1 runtime)."""
+    for name in QUIET_LOGGERS:  # MLflow's notes on creating a SQLite store are not ours to print
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         cli.main(args=argv, prog_name="flexbench", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `flexbench`: the help, not an error
+        click.echo(exc.format_message())
+        sys.exit(0)
     except click.UsageError as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)
         sys.exit(2)
@@ -544,4 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except OSError as exc:  # e.g. an unwritable --journal: name the file and the fix
+        click.echo(f"Error: {exc}; check the path and its permissions (--journal PATH)", err=True)
         sys.exit(1)

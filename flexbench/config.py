@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from flexbench import mods
 
@@ -213,5 +213,3 @@ def with_options(config: BenchConfig, **changes: object) -> BenchConfig:
         changes["timer"] = "auto"
     return replace(config, **changes)
 
-
-FIELD_NAMES = tuple(f.name for f in fields(BenchConfig))

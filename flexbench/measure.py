@@ -290,7 +290,8 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     if failure:
         raise CheckFailed(f"{failure} ({c.dtype}); not timed")
     if c.device == "cuda":
-        m["peak_mem_mb"] = _peak_mem_mb(flex, dout)
+        del outs, expected, expected_out, expected_grads  # not part of flex's footprint
+        m["peak_mem_mb"] = _peak_mem_mb(flex, dout, (q, k, v))
     fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, density)
     with torch.no_grad():
         fwd_times = timing.time_pair(timing.timer_for(c.timer, "fwd"), eager, flex)
@@ -343,9 +344,14 @@ def _first_calls(
     return [out, *grads], seconds + fwd_s + bwd_s
 
 
-def _peak_mem_mb(flex: Callable[[], Tensor], dout: Tensor | None) -> float:
-    """Peak CUDA memory of one flex forward (+ backward), outside any timed region."""
+def _peak_mem_mb(
+    flex: Callable[[], Tensor], dout: Tensor | None, inputs: tuple[Tensor, ...]
+) -> float:
+    """Peak CUDA memory of one flex forward (+ backward) with its inputs (and dout), not the
+    harness's other tensors; outside any timed region."""
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    resident = sum(t.untyped_storage().nbytes() for t in (*inputs, dout) if t is not None)
     torch.cuda.reset_peak_memory_stats()
     if dout is None:
         with torch.no_grad():
@@ -353,7 +359,7 @@ def _peak_mem_mb(flex: Callable[[], Tensor], dout: Tensor | None) -> float:
     else:
         flex().backward(dout)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+    return (torch.cuda.max_memory_allocated() - before + resident) / 2**20
 
 
 def _backward_pair(

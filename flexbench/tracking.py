@@ -56,7 +56,7 @@ class TrackingError(Exception):
 
 def redact(text: str) -> str:
     """Remove URL credentials and the values of secret environment variables from text."""
-    text = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+    text = re.sub(r"(\w+://)[^/\s]*@", r"\1***@", text)
     for name in SECRET_ENV:
         secret = os.environ.get(name)
         if secret:

@@ -81,6 +81,22 @@ def test_user_mod_that_fails_to_import_exits_2(tmp_path, monkeypatch, capsys):
 # --- runtime errors: exit 1, one line with the fix --------------------------------------------
 
 
+def test_unwritable_journal_exits_1_with_one_line(capsys):
+    args = ["run", "--device", "cpu", "-b", "1", "-nh", "2", "-s", "128", "-d", "16",
+            "-mods", "noop", "-dtype", "float32", "--quiet", "--journal", "/proc/nope/j.jsonl",
+            "--tracking-uri", "sqlite:///mlflow.db"]
+    code, err = run_main(args, capsys)
+    assert code == 1
+    assert_one_line(err, "Error:", "/proc/nope", "--journal PATH")
+
+
+def test_bare_command_prints_help_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    out = capsys.readouterr()
+    assert exc.value.code == 0 and "Usage:" in out.out and "Error" not in out.out + out.err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_device_cuda_without_cuda_exits_1(capsys):
     code, err = run_main(["run", "--device", "cuda", "-mods", "causal"], capsys)

@@ -406,6 +406,8 @@ def test_redact_removes_uri_credentials_and_secret_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123456")
     text = "failed at https://alice:pa55@mlflow.lan:5000/api with tok-123456"
     assert tracking.redact(text) == "failed at https://***@mlflow.lan:5000/api with ***"
+    # a password holding '@' goes whole; an '@' in the path stays
+    assert tracking.redact("http://alice:p@ss@host:5000/x@y") == "http://***@host:5000/x@y"
 
 
 # --- the CLI: secrets, progress bar ---------------------------------------------------------------
