@@ -212,4 +212,3 @@ def with_options(config: BenchConfig, **changes: object) -> BenchConfig:
     if "timer" not in changes and config.timer == auto_timer(config.device, config.q_len):
         changes["timer"] = "auto"
     return replace(config, **changes)
-

@@ -104,23 +104,16 @@ def run_sweep(
     `on_result` sees each journal entry once it is journalled and (if online) logged.
     """
     start = time.perf_counter()
-    uri = tracking.resolve_uri(tracking_uri)
-    tracker = tracking.Tracker(uri, experiment, tracking.Journal(journal))
-    tags = env.capture(configs[0].device if configs else "cpu")
+    tracker, tags = connect(
+        experiment, tracking_uri, journal, configs[0].device if configs else "cpu"
+    )
     out = Outcome(sweep_id or new_sweep_id(), journal=str(tracker.journal.path))
-    tracker.connect()
     configs = _resume(configs, tracker, tags, out, warn) if resume else list(configs)
-    sweep = {
-        "sweep_id": out.sweep_id,
-        "part_id": uuid.uuid4().hex,
-        "experiment": experiment,
-        "params": sweep_params or {},
-        "tags": tags,
-        "run_name": run_name or f"sweep {out.sweep_id}",
-        "start_ms": now_ms(),
-    }
+    sweep = sweep_entry(
+        out.sweep_id, experiment, sweep_params, tags, run_name or f"sweep {out.sweep_id}"
+    )
     tracker.start(sweep)
-    _warn_offline(tracker, out, warn)
+    warn_offline(tracker, out, warn)
     last = [sweep["start_ms"]]
 
     def log_result(result: measure.Result) -> None:
@@ -129,13 +122,13 @@ def run_sweep(
         last[0] = end
         tracker.log(entry)
         out.records.append(entry)
-        _warn_offline(tracker, out, warn)
+        warn_offline(tracker, out, warn)
         if on_result is not None:
             on_result(entry)
 
     measure.run_sweep(configs, log_result, progress=progress)
     tracker.finish(out.records)
-    _warn_offline(tracker, out, warn)
+    warn_offline(tracker, out, warn)
     out.run_id, out.tracking_s = tracker.run_id, tracker.tracking_s
     out.wall_s = time.perf_counter() - start
     return out
@@ -160,13 +153,48 @@ def _resume(
     return todo
 
 
-def _warn_offline(tracker: tracking.Tracker, out: Outcome, warn: Callable[[str], None]) -> None:
-    """Warn once when tracking goes offline."""
+def connect(
+    experiment: str, tracking_uri: str | None, journal: str | None, device: str
+) -> tuple[tracking.Tracker, dict[str, str]]:
+    """A Tracker that has tried to reach the server (offline if not), and the env tags."""
+    uri = tracking.resolve_uri(tracking_uri)
+    tracker = tracking.Tracker(uri, experiment, tracking.Journal(journal))
+    tags = env.capture(device)
+    tracker.connect()
+    return tracker, tags
+
+
+def sweep_entry(
+    sweep_id: str,
+    experiment: str,
+    params: dict[str, str] | None,
+    tags: dict[str, str],
+    run_name: str,
+) -> dict:
+    """The journal's `sweep` entry: what sync needs to (re)create this process's sweep run."""
+    return {
+        "sweep_id": sweep_id,
+        "part_id": uuid.uuid4().hex,  # this process's part of the sweep (shards share sweep_id)
+        "experiment": experiment,
+        "params": params or {},
+        "tags": tags,
+        "run_name": run_name,
+        "start_ms": now_ms(),
+    }
+
+
+def warn_offline(
+    tracker: tracking.Tracker,
+    out: Outcome,
+    warn: Callable[[str], None],
+    going_on: str = "measuring goes on, every result is kept in",
+) -> None:
+    """Warn once when tracking goes offline (`out` is any outcome with offline and journal)."""
     if tracker.offline and not out.offline:
         out.offline = tracker.offline
         warn(
-            f"warning: {tracker.offline}; measuring goes on, every result is kept in "
-            f"{out.journal} (upload later with `flexbench sync`)"
+            f"warning: {tracker.offline}; {going_on} {out.journal} "
+            "(upload later with `flexbench sync`)"
         )
 
 

@@ -33,11 +33,10 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flexbench import env, measure, mods, report, sweep, tracking
+from flexbench import measure, mods, report, sweep, tracking
 from flexbench.config import KERNEL_OPTION_TYPES, BenchConfig, with_options
 
 DEFAULT_GRID: dict[str, list] = {
@@ -366,21 +365,16 @@ def tune_sweep(
     """Measure every plan's candidates (one `measure.run_sweep`, so compiled callables are
     shared), log them as described in the module docstring, tag each config's best."""
     start = time.perf_counter()
-    tracker = tracking.Tracker(
-        tracking.resolve_uri(tracking_uri), experiment, tracking.Journal(journal)
-    )
-    tags = env.capture(plans[0].base.device if plans else "cpu")
+    device = plans[0].base.device if plans else "cpu"
+    tracker, tags = sweep.connect(experiment, tracking_uri, journal, device)
     out = TuneOutcome(sweep.new_sweep_id(), journal=str(tracker.journal.path))
-    tracker.connect()
-    entry = {
-        "sweep_id": out.sweep_id,
-        "part_id": uuid.uuid4().hex,
-        "experiment": experiment,
-        "params": sweep_params or {},
-        "tags": {**tags, COMMAND_TAG: "tune"},
-        "run_name": run_name or f"tune {out.sweep_id}",
-        "start_ms": sweep.now_ms(),
-    }
+    entry = sweep.sweep_entry(
+        out.sweep_id,
+        experiment,
+        sweep_params,
+        {**tags, COMMAND_TAG: "tune"},
+        run_name or f"tune {out.sweep_id}",
+    )
     tracker.start(entry)
     session = Session(tracker, entry, tags, out)
     order = _plans_in_order(plans)
@@ -409,12 +403,7 @@ def tune_markdown(out: TuneOutcome) -> str:
 
 
 def _warn_offline(tracker: tracking.Tracker, out: TuneOutcome, warn: Callable) -> None:
-    if tracker.offline and not out.offline:
-        out.offline = tracker.offline
-        warn(
-            f"warning: {tracker.offline}; tuning goes on, measured candidates are kept in "
-            f"{out.journal} (upload later with `flexbench sync`)"
-        )
+    sweep.warn_offline(tracker, out, warn, "tuning goes on, measured candidates are kept in")
 
 
 def run(

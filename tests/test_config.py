@@ -205,3 +205,12 @@ def test_shards_are_disjoint_balanced_and_cover_the_sweep(count):
 def test_bad_shard_is_rejected(index, count):
     with pytest.raises(ValueError, match=r"^shard must be I/N with 0 <= I < N"):
         shard([small()], index, count)
+
+
+def test_cuda_graphs_time_forward_only():
+    from flexbench.timing import timer_for
+
+    assert [timer_for(t, "fwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
+        "cudagraph", "cudagraph", "do_bench", "cpu"]
+    assert [timer_for(t, "bwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
+        "do_bench", "do_bench", "do_bench", "cpu"]
