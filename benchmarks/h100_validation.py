@@ -196,6 +196,7 @@ def speed(out_dir: Path) -> dict:
         "seed_s": seed_s,
         "flexbench_s": outcome.wall_s,
         "tracking_s": outcome.tracking_s,
+        "tracking_background_s": outcome.background_s,
         "ratio": outcome.wall_s / seed_s,
         "failed": outcome.failed,
         "tables": report.seed_tables(rows),

@@ -34,7 +34,8 @@ class Outcome:
     run_id: str = ""
     journal: str = ""
     wall_s: float = 0.0
-    tracking_s: float = 0.0
+    tracking_s: float = 0.0  # the sweep waited on MLflow this long
+    background_s: float = 0.0  # child runs logged on the background thread, overlapped
     problems: list[str] = field(default_factory=list)  # e.g. a GPU worker that died
 
     @property
@@ -101,7 +102,8 @@ def run_sweep(
 ) -> Outcome:
     """Measure, journal and log every config under one sweep run; never loses a result.
 
-    `on_result` sees each journal entry once it is journalled and (if online) logged.
+    `on_result` sees each journal entry once it is journalled; its child run is logged on a
+    background thread (`Tracker.log_later`), all of them before this returns.
     """
     start = time.perf_counter()
     tracker, tags = connect(
@@ -120,7 +122,7 @@ def run_sweep(
         end = now_ms()
         entry = tracking.result_entry(result.record(), sweep, tags, last[0], end)
         last[0] = end
-        tracker.log(entry)
+        tracker.log_later(entry)
         out.records.append(entry)
         warn_offline(tracker, out, warn)
         if on_result is not None:
@@ -130,6 +132,7 @@ def run_sweep(
     tracker.finish(out.records)
     warn_offline(tracker, out, warn)
     out.run_id, out.tracking_s = tracker.run_id, tracker.tracking_s
+    out.background_s = tracker.background_s
     out.wall_s = time.perf_counter() - start
     return out
 
