@@ -266,16 +266,21 @@ def run(**opts: object) -> None:
 
     gpu_auto = opts["gpus"] and opts["device"] == "auto"  # workers are CUDA: no CPU fallback
     opts["device"] = "cuda" if gpu_auto else _default_device(str(opts["device"]))
-    try:
-        outcome = api.run(**opts)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
+    outcome = _call_api(api.run, opts)
     if outcome.records:
         click.echo(outcome.tables())
     click.echo(api.closing_line(outcome), err=True)
     sys.exit(outcome.exit_code)
+
+
+def _call_api(fn: Callable, opts: dict) -> object:
+    """Call a command's API: ValueError is a usage error (exit 2), RuntimeError exit 1."""
+    try:
+        return fn(**opts)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command("mods")
@@ -516,12 +521,7 @@ def tune(**opts: object) -> None:
     from flexbench import tune as api
 
     opts["device"] = _default_device(str(opts["device"]))
-    try:
-        outcome = api.run(**opts)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
+    outcome = _call_api(api.run, opts)
     if outcome.results:
         click.echo(outcome.table())
     click.echo(api.closing_line(outcome), err=True)
