@@ -302,12 +302,17 @@ def test_server_lost_mid_sweep_then_sync_twice(tmp_path):
         assert "flexbench sync" in sweep.closing_line(out)
         assert out.tracking_s < DEAD_SERVER_BUDGET_S
         journal = tracking.Journal(out.journal)
-        assert [e["type"] for e in journal.entries()] == ["sweep", "result", "synced", "result"]
+        types = [e["type"] for e in journal.entries()]
+        # Children are logged on a background thread: the first one may or may not have
+        # reached the server before it stopped (or only its create_run did); sync mends each.
+        assert types.count("sweep") == 1 and types.count("result") == 2
+        synced_live = types.count("synced")
+        assert synced_live <= 1
 
         server.start()
         first = tracking.sync(journal, server.uri)
         second = tracking.sync(journal, server.uri)
-        assert (first.uploaded, first.already, first.sweeps) == (1, 0, 1)
+        assert first.uploaded + first.already == 2 - synced_live and first.sweeps == 1
         assert (second.uploaded, second.already, second.sweeps) == (0, 0, 0)
         assert len(runs_of_kind(client, "mid-sweep", "config")) == 2
         assert [r.info.run_id for r in runs_of_kind(client, "mid-sweep", "sweep")] == [out.run_id]
