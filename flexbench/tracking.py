@@ -372,7 +372,6 @@ class Tracker:
     exp_id: str = ""
     run_id: str = ""
     under_mlflow_run: bool = False
-    logged: int = 0
     tracking_s: float = 0.0
     background_s: float = 0.0
     _sweep: dict = field(default_factory=dict)
@@ -431,11 +430,7 @@ class Tracker:
         """Journal one result entry (flushed), then log it as a child run of `parent` (default:
         the sweep run); its run id, or None when offline. `sync` logs it under the sweep run."""
         self.journal.append(entry)
-        run_id = self._call(log_child, self.client, self.exp_id, parent or self.run_id, entry)
-        if run_id:
-            self.journal.mark_synced(entry["record_id"], target_id(self.uri), run_id)
-            self.logged += 1
-        return run_id
+        return self._log_marked(entry, parent)
 
     def log_later(self, entry: dict) -> None:
         """Journal one result entry (flushed) now; log it as a child of the sweep run on one
@@ -445,13 +440,14 @@ class Tracker:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=BACKGROUND)
-        self._pending.append(self._pool.submit(self._log_child_marked, entry))
+        self._pending.append(self._pool.submit(self._log_marked, entry))
 
-    def _log_child_marked(self, entry: dict) -> None:
-        run_id = self._call(log_child, self.client, self.exp_id, self.run_id, entry)
+    def _log_marked(self, entry: dict, parent: str | None = None) -> str | None:
+        """Log a journalled entry as a child run and mark it synced; None when offline."""
+        run_id = self._call(log_child, self.client, self.exp_id, parent or self.run_id, entry)
         if run_id:
             self.journal.mark_synced(entry["record_id"], target_id(self.uri), run_id)
-            self.logged += 1
+        return run_id
 
     def drain(self) -> None:
         """Wait for every child run handed to the background thread."""
