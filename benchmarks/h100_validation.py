@@ -1,15 +1,18 @@
 """H100 validation of the harness (issue 7): one run, same card, side by side.
 
-1. sweep speed: `flexbench` (MLflow logging included) vs the seed's method (a new
-   torch.compile per config, public API) on the same 16 configs;
+0. smoke: one small fwd+bwd config through flexbench (stops the run early if it fails);
+1. sweep speed: `flexbench` (MLflow logging included; one GPU, and `--gpus all` where there
+   are several) vs the seed's method (a new torch.compile per config, public API) on the same
+   16 configs, each method in its own process and inductor/triton cache, cold then warm;
 2. fidelity: flexbench medians vs torch.profiler kernel time per call (L2 flushed as do_bench
    does), default timer and CUDA-graph timer;
 3. repeatability: the same 4 configs in 5 separate sweeps, CV of each reported median;
 4. tracking overhead: time inside MLflow calls / sweep wall time;
-5. headline table: the 16 configs' speedups and TFLOP/s, with the SDPA kernel that ran.
+5. headline table: the 16 configs' speedups and TFLOP/s (from the speed run), and the SDPA
+   kernel that ran for each (`backends`).
 
 Usage (GPU machine):  python benchmarks/h100_validation.py --out DIR [--parts speed,fidelity,...]
-Writes DIR/validation.json; `--markdown` renders that JSON as the BENCHMARKS.md tables.
+Writes DIR/validation.json after every step (a timeout keeps what was measured).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
-PARTS = ("speed", "fidelity", "repeat")
+PARTS = ("smoke", "speed", "fidelity", "repeat", "backends")
 HEADLINE = dict(
     batch=[8],
     heads=[16],
@@ -77,6 +81,33 @@ def seed_method(configs) -> float:
             bench_us(out_c.backward, d_out, retain_graph=True)
     torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def smoke(configs_for) -> dict:
+    """One small causal config, forward and backward, with the default timer."""
+    from flexbench import measure
+
+    r = measure.run_sweep([configs_for(2, 16, 512, 64, "causal")], progress=False)[0]
+    if r.error:
+        raise SystemExit(f"smoke config failed: {r.error}")
+    return r.metrics
+
+
+def sdpa_backends() -> dict:
+    """The top CUDA kernel of each headline config's SDPA baseline, forward (profiled)."""
+    import torch
+
+    from flexbench import config, measure, mods
+
+    out = {}
+    for c in config.expand_sweep(**HEADLINE, calculate_bwd=True, device="cuda"):
+        built = mods.resolve(c.score_mod).build(mods.Dims(c.heads, c.q_len, c.kv_len, c.device))
+        q, k, v = measure.make_inputs(c, requires_grad=True)
+        eager = measure.sdpa_baseline(q, k, v, built, 1.0 / math.sqrt(c.head_dim))
+        _, out[c.run_name()] = kernel_us(eager, calls=3)
+        del q, k, v, eager
+        torch.cuda.empty_cache()
+    return out
 
 
 # --- kernel time with torch.profiler --------------------------------------------------------
@@ -147,7 +178,7 @@ def fidelity(configs_for, mods=("noop", "causal")) -> list[dict]:
                     row[f"{timer}.{k}"] = r.metrics.get(k)
             with measure.dynamo_settings(False, 64):
                 eager, flex, dout = callables(base)
-                with torch.no_grad():
+                with torch.set_grad_enabled(base.calculate_bwd):  # as measure times it
                     row["kernel.fwd_eager_us"], row["sdpa_fwd_kernel"] = kernel_us(eager)
                     row["kernel.fwd_compiled_us"], _ = kernel_us(flex)
                 print(json.dumps(row), flush=True)
@@ -178,30 +209,119 @@ def repeatability(configs_for) -> dict:
     return out
 
 
-def speed(out_dir: Path) -> dict:
-    """flexbench (tracked to SQLite) vs the seed's method on the 16 headline configs."""
+SPEED_METHODS = ("seed", "flexbench", "flexbench_gpus")
+CACHE_ROOT = Path("/tmp/flexbench-validation-cache")  # per method; never under --out
+WORK = Path("/tmp/flexbench-validation-work")  # journals, children's JSON (--out: few files)
+
+
+def speed_child(method: str, out_dir: Path, tag: str) -> dict:
+    """One timed method in this (fresh) process: the seed's loop, or `flexbench run` (one GPU,
+    or `--gpus all`) tracked to SQLite under out_dir, as the CLI would run it."""
     from flexbench import config, report, sweep
 
     configs = config.expand_sweep(**HEADLINE, calculate_bwd=True, device="cuda")
-    seed_s = seed_method(configs)
-    outcome = sweep.run_sweep(
-        configs,
-        tracking_uri=f"sqlite:///{out_dir}/validation.db",
-        journal=str(out_dir / "validation.jsonl"),
-        progress=False,
-        run_name="h100-validation",
+    if method == "seed":
+        return {"inner_s": seed_method(configs)}
+    args = {k: v for k, v in HEADLINE.items() if k != "dtypes"}
+    start = time.perf_counter()
+    outcome = sweep.run(
+        **args,
+        dtypes=HEADLINE["dtypes"],
+        calculate_bwd=True,
+        device="cuda",
+        tracking_uri=f"sqlite:///{out_dir}/speed.db",
+        journal=str(WORK / f"speed-{method}-{tag}.jsonl"),
+        run_name=f"speed {method} {tag}",
+        quiet=True,
+        gpus="all" if method == "flexbench_gpus" else None,
     )
+    inner = time.perf_counter() - start
     rows = [report.row_from_record(r) for r in outcome.records]
     return {
-        "seed_s": seed_s,
-        "flexbench_s": outcome.wall_s,
-        "tracking_s": outcome.tracking_s,
-        "tracking_background_s": outcome.background_s,
-        "ratio": outcome.wall_s / seed_s,
+        "inner_s": inner,
+        "sweep_id": outcome.sweep_id,
+        "configs": len(outcome.records),
         "failed": outcome.failed,
+        "tracking_s": outcome.tracking_s,
+        "background_s": outcome.background_s,
+        "problems": outcome.problems,
+        "offline": outcome.offline,
+        "config_runs_logged": logged_config_runs(out_dir, outcome.sweep_id),
         "tables": report.seed_tables(rows),
         "rows": rows,
     }
+
+
+def logged_config_runs(out_dir: Path, sweep_id: str) -> int:
+    """Config runs in the SQLite store carrying this sweep id (every shard's)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out_dir}/speed.db")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`flexbench.sweep_id` = '{sweep_id}' and tags.`flexbench.kind` = 'config'",
+        max_results=1000,
+    )
+    return len(runs)
+
+
+def speed(out_dir: Path, phases: list[str], methods: list[str], result: dict, save) -> dict:
+    """Each method in its own process, each with its own inductor/triton cache: `cold` starts
+    from an empty cache (a first run), `warm` runs again on the cache `cold` left. Wall time
+    is the whole process (imports, compile, measuring, MLflow)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    out = result.setdefault("speed", {})
+    gpus = torch.cuda.device_count()
+    for phase in phases:
+        for method in methods:
+            if method == "flexbench_gpus" and gpus < 2:
+                continue
+            cache = CACHE_ROOT / method
+            env = {
+                **os.environ,
+                "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+                "TRITON_CACHE_DIR": str(cache / "triton"),
+            }
+            if method != "flexbench_gpus":
+                env["CUDA_VISIBLE_DEVICES"] = "0"
+            if phase == "cold":
+                shutil.rmtree(cache, ignore_errors=True)
+            elif not cache.exists():
+                print(f"speed {method} warm: no cache from a cold run here; skipped", flush=True)
+                continue
+            child = WORK / f"speed-{method}-{phase}.json"
+            child.unlink(missing_ok=True)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                "--tag",
+                phase,
+                "--out",
+                str(out_dir),
+            ]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            entry = {"wall_s": wall, "returncode": proc.returncode, "gpus": gpus}
+            if child.exists():
+                entry.update(json.loads(child.read_text()))
+            else:
+                entry["stderr_tail"] = proc.stderr[-2000:]
+            out[f"{method}.{phase}"] = entry
+            print(
+                f"speed {method} {phase}: {wall:.1f} s "
+                + json.dumps({k: v for k, v in entry.items() if k not in ("rows", "tables")}),
+                flush=True,
+            )
+            save()
+    return out
 
 
 def main() -> None:
@@ -211,8 +331,17 @@ def main() -> None:
     ap.add_argument("--fidelity-mods", default="noop,causal")
     ap.add_argument("--no-bwd", action="store_true", help="fidelity/repeat: forward only")
     ap.add_argument("--timer", default="auto", help="repeat: timer of the configs")
+    ap.add_argument("--phases", default="cold,warm", help="speed: cold and/or warm cache")
+    ap.add_argument("--methods", default=",".join(SPEED_METHODS), help="speed: methods")
+    ap.add_argument("--child", choices=SPEED_METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        child = speed_child(args.child, args.out, args.tag)
+        (WORK / f"speed-{args.child}-{args.tag}.json").write_text(json.dumps(child))
+        return
     import torch
     import triton
 
@@ -239,24 +368,29 @@ def main() -> None:
     }
     parts = args.parts.split(",")
     path = args.out / "validation.json"
+
+    def save() -> None:
+        path.write_text(json.dumps(result, indent=1, default=str))
+
     for part, fn in (
-        ("speed", lambda: speed(args.out)),
+        ("smoke", lambda: smoke(configs_for)),
+        (
+            "speed",
+            lambda: speed(args.out, args.phases.split(","), args.methods.split(","), result, save),
+        ),
         ("fidelity", lambda: fidelity(configs_for, args.fidelity_mods.split(","))),
         ("repeat", lambda: repeatability(configs_for)),
+        ("backends", sdpa_backends),
     ):
         if part in parts:
             t = time.perf_counter()
             result[part] = fn()
             print(f"{part}: {time.perf_counter() - t:.1f} s", flush=True)
-            print(json.dumps(result[part], indent=1, default=str)[:3000], flush=True)
-            path.write_text(json.dumps(result, indent=1, default=str))
-    print(
-        json.dumps(
-            {k: v for k, v in result.get("speed", {}).items() if k not in ("rows", "tables")},
-            indent=1,
-        )
-    )
-    print(result.get("speed", {}).get("tables", ""))
+            if part in ("smoke", "backends"):
+                print(json.dumps(result[part], indent=1), flush=True)
+            save()
+    for name, entry in result.get("speed", {}).items():
+        print(name, entry.get("tables", ""))
     print(json.dumps(result.get("fidelity", []), indent=1))
     print(json.dumps({k: round(v["cv"], 4) for k, v in result.get("repeat", {}).items()}, indent=1))
 

@@ -3,6 +3,10 @@
 Order per config, correct before fast: compile (timed once), check flex (and dQ/dK/dV) against
 a float32 reference (float64 on CPU), peak memory, then interleaved timing of baseline and
 flex. A config that fails the check is never timed; any exception fails that config only.
+
+The forward runs as the config would in use, as the seed times it: with autograd when the
+config has a backward (a training step's forward, which also saves what backward needs), under
+no_grad when it is forward-only. So each config compiles one graph, not two.
 """
 
 from __future__ import annotations
@@ -293,7 +297,7 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
         del outs, expected, expected_out, expected_grads  # not part of flex's footprint
         m["peak_mem_mb"] = _peak_mem_mb(flex, dout, (q, k, v))
     fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, density)
-    with torch.no_grad():
+    with torch.set_grad_enabled(c.calculate_bwd):
         fwd_times = timing.time_pair(timing.timer_for(c.timer, "fwd"), eager, flex)
         _record("fwd", m, *fwd_times, fwd_flops)
     if c.calculate_bwd:
@@ -331,17 +335,18 @@ def _flex_call(
 def _first_calls(
     flex: Callable[[], Tensor], dout: Tensor | None, c: BenchConfig, inputs: tuple[Tensor, ...]
 ) -> tuple[list[Tensor], float]:
-    """First (compiling) calls, timed: the forward output, and dQ/dK/dV when dout is given."""
-    with torch.no_grad():
-        out, seconds = timing.timed_call(flex, c.device)
+    """First (compiling) calls, timed: the forward output, and dQ/dK/dV when dout is given
+    (then the forward runs with autograd, the graph the timed forward uses too)."""
     if dout is None:
+        with torch.no_grad():
+            out, seconds = timing.timed_call(flex, c.device)
         return [out], seconds
-    out_grad, fwd_s = timing.timed_call(flex, c.device)
-    _, bwd_s = timing.timed_call(lambda: out_grad.backward(dout), c.device)
+    out, fwd_s = timing.timed_call(flex, c.device)
+    _, bwd_s = timing.timed_call(lambda: out.backward(dout), c.device)
     grads = [t.grad.detach().clone() for t in inputs]
     for t in inputs:
         t.grad = None
-    return [out, *grads], seconds + fwd_s + bwd_s
+    return [out.detach(), *grads], fwd_s + bwd_s
 
 
 def _peak_mem_mb(
@@ -395,7 +400,7 @@ def cached_graphs() -> int:
 
 
 def default_recompile_limit(n_configs: int) -> int:
-    """Room for every config's graphs (no-grad forward, grad forward) plus a margin.
+    """Room for every config's graph (two per config, to spare) plus a margin.
 
     Graphs cached by earlier sweeps in this process count against dynamo's limit too.
     """
