@@ -153,7 +153,7 @@ def callables(c):
     flex = measure._flex_call(bench.compiled(c), q, k, v, built, block_mask, scale, c)
     eager = measure.sdpa_baseline(q, k, v, built, scale)
     dout = torch.randn_like(q)
-    return eager, flex, dout
+    return eager, flex, dout, (q, k, v)
 
 
 def fidelity(configs_for, mods=("noop", "causal")) -> list[dict]:
@@ -168,7 +168,7 @@ def fidelity(configs_for, mods=("noop", "causal")) -> list[dict]:
             base = configs_for(b, h, s, d, mod)
             row = {"config": base.run_name()}
             print(f"fidelity: {row['config']}", flush=True)
-            for timer in ("do_bench", "cudagraph"):
+            for timer in ("do_bench", "cudagraph_fwd", "cudagraph"):
                 c = measure.BenchConfig(**{**base.identity(), "timer": timer})
                 r = measure.run_sweep([c], progress=False)[0]
                 if r.error:
@@ -177,7 +177,7 @@ def fidelity(configs_for, mods=("noop", "causal")) -> list[dict]:
                 for k in ("fwd_eager_us", "fwd_compiled_us", "bwd_eager_us", "bwd_compiled_us"):
                     row[f"{timer}.{k}"] = r.metrics.get(k)
             with measure.dynamo_settings(False, 64):
-                eager, flex, dout = callables(base)
+                eager, flex, dout, inputs = callables(base)
                 with torch.set_grad_enabled(base.calculate_bwd):  # as measure times it
                     row["kernel.fwd_eager_us"], row["sdpa_fwd_kernel"] = kernel_us(eager)
                     row["kernel.fwd_compiled_us"], _ = kernel_us(flex)
@@ -185,7 +185,7 @@ def fidelity(configs_for, mods=("noop", "causal")) -> list[dict]:
                 if not base.calculate_bwd:
                     rows.append(row)
                     continue
-                bwd_eager, bwd_flex = measure._backward_pair(eager, flex, dout)
+                bwd_eager, bwd_flex = measure._backward_pair(eager, flex, dout, inputs)
                 row["kernel.bwd_eager_us"], _ = kernel_us(bwd_eager)
                 row["kernel.bwd_compiled_us"], _ = kernel_us(bwd_flex)
             rows.append(row)
@@ -209,7 +209,7 @@ def repeatability(configs_for) -> dict:
     return out
 
 
-SPEED_METHODS = ("seed", "flexbench", "flexbench_gpus")
+SPEED_METHODS = ("seed", "flexbench", "flexbench_gpus", "flexbench_dynamic")
 CACHE_ROOT = Path("/tmp/flexbench-validation-cache")  # per method; never under --out
 WORK = Path("/tmp/flexbench-validation-work")  # journals, children's JSON (--out: few files)
 
@@ -234,6 +234,7 @@ def speed_child(method: str, out_dir: Path, tag: str) -> dict:
         run_name=f"speed {method} {tag}",
         quiet=True,
         gpus="all" if method == "flexbench_gpus" else None,
+        dynamic=method == "flexbench_dynamic",
     )
     inner = time.perf_counter() - start
     rows = [report.row_from_record(r) for r in outcome.records]

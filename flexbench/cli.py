@@ -225,8 +225,8 @@ def _default_device(device: str) -> str:
     type=click.Choice(["auto", "do_bench", "cudagraph", "cudagraph_fwd", "cpu"]),
     default="auto",
     show_default=True,
-    help="auto: on CUDA cudagraph_fwd (forward from a CUDA graph, backward with do_bench; "
-    "cudagraph when decoding), cpu on CPU",
+    help="auto: cudagraph on CUDA (forward and backward replayed from CUDA graphs: kernel "
+    "time, without host overhead), cpu on CPU; cudagraph_fwd graphs the forward only",
 )
 @click.option("--experiment", default="flexbench", show_default=True, help="MLflow experiment")
 @click.option(

@@ -54,16 +54,14 @@ def canonical_kernel_options(options: dict | str | None) -> str:
 
 
 def auto_timer(device: str, q_len: int) -> str:
-    """What timer 'auto' means on a device.
-
-    On CUDA, forward is replayed from a CUDA graph: on an H100 (torch 2.11) do_bench read
-    compiled flex's host overhead (313 µs against 14 µs of kernel at 2x16x512x64, CV up to 59%
-    over 5 sweeps) while graph replay stayed within 5% of profiler kernel time with CV <= 1.1%.
-    Backward stays on do_bench (`cudagraph_fwd`); decoding (q_len 1) is forward-only: graphs.
+    """What timer 'auto' means on a device: on CUDA, forward and backward replayed from CUDA
+    graphs. On an H100 (torch 2.11) do_bench read compiled flex's host overhead, not its
+    kernels: forward 313 µs against 14 µs of kernel at 2x16x512x64, backward 590 against
+    416 µs at 8x16x1024x64, and its medians of compiled flex varied by up to 59% (CV) over 5
+    sweeps; graph replay reads kernel time (BENCHMARKS.md §3-4).
     """
-    if device == "cpu":
-        return "cpu"
-    return "cudagraph" if q_len == 1 else "cudagraph_fwd"
+    del q_len  # decoding too: launch overhead dominates there
+    return "cpu" if device == "cpu" else "cudagraph"
 
 
 @dataclass(frozen=True)

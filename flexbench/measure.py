@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -301,13 +301,8 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
         fwd_times = timing.time_pair(timing.timer_for(c.timer, "fwd"), eager, flex)
         _record("fwd", m, *fwd_times, fwd_flops)
     if c.calculate_bwd:
-        bwd = _backward_pair(eager, flex, dout)
-        _record(
-            "bwd",
-            m,
-            *timing.time_pair(timing.timer_for(c.timer, "bwd"), *bwd, grads=(q, k, v)),
-            flops.backward_flops(fwd_flops),
-        )
+        bwd = _backward_pair(eager, flex, dout, (q, k, v))
+        _record("bwd", m, *_time_backward(c.timer, bwd), flops.backward_flops(fwd_flops))
     if c.q_len == 1:
         nbytes = flops.kv_bytes(c.batch, c.kv_heads, c.kv_len, c.head_dim, q.element_size())
         m["fwd_eager_tbps"] = flops.tbps(nbytes, m["fwd_eager_us"])
@@ -368,14 +363,32 @@ def _peak_mem_mb(
 
 
 def _backward_pair(
-    eager: Callable[[], Tensor], flex: Callable[[], Tensor], dout: Tensor
-) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Backward alone: the forward graph is built once and kept (retain_graph)."""
+    eager: Callable[[], Tensor], flex: Callable[[], Tensor], dout: Tensor, inputs: Sequence[Tensor]
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Backward alone: the forward graph is built once and kept (retain_graph); dQ, dK, dV are
+    returned, not accumulated into .grad, so a call is the backward kernels only (and a CUDA
+    graph can replay it)."""
     out_e, out_f = eager(), flex()
     return (
-        lambda: out_e.backward(dout, retain_graph=True),
-        lambda: out_f.backward(dout, retain_graph=True),
+        lambda: torch.autograd.grad(out_e, inputs, dout, retain_graph=True),
+        lambda: torch.autograd.grad(out_f, inputs, dout, retain_graph=True),
     )
+
+
+def _time_backward(
+    timer: str, pair: tuple[Callable[[], object], Callable[[], object]]
+) -> tuple[timing.Timing, timing.Timing]:
+    """Time the backward pair; a backward that a CUDA graph cannot capture says what to do."""
+    sampler = timing.timer_for(timer, "bwd")
+    try:
+        return timing.time_pair(sampler, *pair)
+    except RuntimeError as exc:
+        if sampler != "cudagraph":
+            raise
+        raise RuntimeError(
+            f"backward could not be timed in a CUDA graph ({one_line(exc)}); "
+            "rerun with --timer cudagraph_fwd (backward with do_bench)"
+        ) from exc
 
 
 def _record(

@@ -76,13 +76,9 @@ SAMPLERS = {"cpu": _cpu_samples, "do_bench": _do_bench_samples, "cudagraph": _cu
 
 
 def timer_for(timer: str, kind: str) -> str:
-    """The sampler a config's timer uses for `kind` (fwd/bwd).
-
-    CUDA graphs replay the forward only: backward is timed with do_bench under `cudagraph` and
-    `cudagraph_fwd` alike (triton's graph timer detaches grads in place, which the inputs'
-    transposed views refuse, and capturing a backward was not validated on the GPU).
-    """
-    if timer.startswith("cudagraph"):
+    """The sampler a config's timer uses for `kind` (fwd/bwd): `cudagraph` replays both from
+    CUDA graphs, `cudagraph_fwd` only the forward (backward with do_bench)."""
+    if timer == "cudagraph_fwd":
         return "cudagraph" if kind == "fwd" else "do_bench"
     return timer
 

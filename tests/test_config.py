@@ -54,7 +54,7 @@ def test_defaults_fill_kv_heads_kv_len_and_canonical_mod_names():
     c = BenchConfig(batch=8, heads=16, q_len=4096, head_dim=128)
     assert (c.kv_heads, c.kv_len) == (16, 4096)
     assert (c.dtype, c.score_mod, c.device, c.timer) == (
-        "bfloat16", "noop", "cuda", "cudagraph_fwd")
+        "bfloat16", "noop", "cuda", "cudagraph")
     assert not (c.calculate_bwd or c.dynamic or c.max_autotune) and c.kernel_options == ""
     assert c == BenchConfig(8, 16, 4096, 128, kv_heads=16, kv_len=4096)
     gqa = small(heads=8, kv_heads=2, q_len=1, kv_len=512)
@@ -70,7 +70,7 @@ def test_with_options_keeps_followed_defaults_following():
     c = small()  # kv_heads, kv_len and timer from their defaults
     longer = with_options(c, q_len=512, heads=8)
     assert (longer.q_len, longer.kv_len, longer.heads, longer.kv_heads) == (512, 512, 8, 8)
-    assert with_options(c, device="cuda").timer == "cudagraph_fwd"
+    assert with_options(c, device="cuda").timer == "cudagraph"
     assert with_options(c, device="cuda", q_len=1).timer == "cudagraph"
     gqa = small(heads=8, kv_heads=2, kv_len=1024)  # set on purpose: they stay
     moved = with_options(gqa, heads=16, q_len=1)
@@ -84,7 +84,8 @@ def test_with_options_keeps_followed_defaults_following():
     ("device", "q_len", "timer", "resolved"),
     [
         ("cpu", 128, "auto", "cpu"),
-        ("cuda", 128, "auto", "cudagraph_fwd"),  # graphs forward, do_bench backward
+        ("cuda", 128, "auto", "cudagraph"),  # forward and backward from CUDA graphs
+        ("cuda", 128, "cudagraph_fwd", "cudagraph_fwd"),  # graphs forward, do_bench backward
         ("cuda", 1, "auto", "cudagraph"),  # decoding: launch overhead dominates do_bench
         ("cuda", 128, "cudagraph", "cudagraph"),
         ("cuda", 1, "do_bench", "do_bench"),
@@ -148,13 +149,13 @@ def test_config_key_is_the_same_in_another_process():
     assert other.stdout.strip() == key
     # Pinned: runs logged with this key are found again (resume) only while it stays the same.
     # A new BenchConfig field changes every key; if that is meant, update this value.
-    assert key == "1d3678009ec9d4d8"
+    assert key == "2999e2d5554e6a8f"
 
 
 def test_config_key_pins_the_identity_of_a_measurement():
     c = BenchConfig(**REFERENCE)
     # The same measurement however it was spelled: defaults, 'auto' timer, option order.
-    assert BenchConfig(**REFERENCE, kv_heads=16, kv_len=4096, timer="cudagraph_fwd").config_key() \
+    assert BenchConfig(**REFERENCE, kv_heads=16, kv_len=4096, timer="cudagraph").config_key() \
         == c.config_key()
     a = BenchConfig(**REFERENCE, kernel_options='{"BLOCK_M": 64, "BLOCK_N": 32}')
     b = BenchConfig(**REFERENCE, kernel_options={"BLOCK_N": 32, "BLOCK_M": 64})
@@ -166,7 +167,7 @@ def test_config_key_pins_the_identity_of_a_measurement():
         replace(c, dtype="float16"), replace(c, score_mod="noop"),
         replace(c, score_mod="sliding_window:128"), replace(c, score_mod="sliding_window:64"),
         replace(c, calculate_bwd=True), replace(c, dynamic=True), replace(c, max_autotune=True),
-        replace(c, device="cpu", timer="cpu"), replace(c, timer="cudagraph"), a,
+        replace(c, device="cpu", timer="cpu"), replace(c, timer="cudagraph_fwd"), a,
     ]
     keys = [v.config_key() for v in variants]
     assert c.config_key() not in keys and len(set(keys)) == len(keys)
@@ -186,7 +187,7 @@ def test_params_are_the_contract_names_as_strings():
         "shape": "8,16,4096,128", "batch": "8", "heads": "16", "kv_heads": "4",
         "q_len": "4096", "kv_len": "4096", "head_dim": "128", "dtype": "bfloat16",
         "score_mod": "causal", "device": "cuda", "calculate_bwd": "true", "dynamic": "false",
-        "max_autotune": "false", "timer": "cudagraph_fwd",
+        "max_autotune": "false", "timer": "cudagraph",
         "ko_BLOCK_M": "64", "ko_PRESCALE_QK": "false",
     }
 
@@ -207,10 +208,10 @@ def test_bad_shard_is_rejected(index, count):
         shard([small()], index, count)
 
 
-def test_cuda_graphs_time_forward_only():
+def test_cudagraph_fwd_times_only_the_forward_in_a_graph():
     from flexbench.timing import timer_for
 
     assert [timer_for(t, "fwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
         "cudagraph", "cudagraph", "do_bench", "cpu"]
     assert [timer_for(t, "bwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
-        "do_bench", "do_bench", "do_bench", "cpu"]
+        "do_bench", "cudagraph", "do_bench", "cpu"]
