@@ -1,4 +1,5 @@
-"""Timers: CUDA (triton do_bench), CUDA graph replay (do_bench_cudagraph), CPU (perf_counter).
+"""Timers: CUDA (triton do_bench), CUDA graph replay (do_bench_cudagraph; backward: the same
+method on the stream its forward ran on), CPU (perf_counter).
 
 Each timer returns `Timing`: the median and 20th/80th percentiles in µs over all samples of
 `ROUNDS` rounds. Callers interleave rounds of the baseline and flex (`time_pair`), so a clock or
@@ -8,7 +9,8 @@ thermal drift hits both alike instead of biasing one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ ROUNDS = 3  # interleaved rounds of baseline and flex
 DO_BENCH_WARMUP_MS = 25
 DO_BENCH_REP_MS = 60
 CUDAGRAPH_REP_MS = 10  # per graph; triton replays it 10 times, so 100 ms a call
+GRAPH_REPLAYS = 10  # as do_bench_cudagraph
 CPU_REPEATS = 5  # per round on CPU
 QUANTILES = (0.2, 0.5, 0.8)
 GPU_WARMUP_S = 1.0  # before a CUDA sweep: idle clocks would slow its first configs
@@ -72,14 +75,64 @@ def _cudagraph_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) 
     )
 
 
-SAMPLERS = {"cpu": _cpu_samples, "do_bench": _do_bench_samples, "cudagraph": _cudagraph_samples}
+def _stream_graph_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> list[float]:
+    """do_bench_cudagraph's method on the *current* stream, for a backward: autograd runs it on
+    the stream of its forward, so the forward must have run on this (side) stream, and triton's
+    timer, which makes a new stream, cannot capture it. `grads` are not used: the backward
+    returns its gradients (measure's backward pair), nothing accumulates."""
+    del grads
+    stream = torch.cuda.current_stream()
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    fn()
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = start.elapsed_time(end) / 5
+    calls = max(1, int(CUDAGRAPH_REP_MS / estimate_ms)) if estimate_ms > 0 else 1000
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    samples = []
+    for _ in range(GRAPH_REPLAYS):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / calls)
+    return samples
+
+
+@contextmanager
+def side_stream(sampler: str) -> Iterator[None]:
+    """Run the block on a new CUDA stream when `sampler` captures there (else as is)."""
+    if sampler != "cudagraph_stream":
+        yield
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+SAMPLERS = {
+    "cpu": _cpu_samples,
+    "do_bench": _do_bench_samples,
+    "cudagraph": _cudagraph_samples,
+    "cudagraph_stream": _stream_graph_samples,
+}
 
 
 def timer_for(timer: str, kind: str) -> str:
     """The sampler a config's timer uses for `kind` (fwd/bwd): `cudagraph` replays both from
-    CUDA graphs, `cudagraph_fwd` only the forward (backward with do_bench)."""
+    CUDA graphs (backward on its forward's stream), `cudagraph_fwd` only the forward."""
     if timer == "cudagraph_fwd":
         return "cudagraph" if kind == "fwd" else "do_bench"
+    if timer == "cudagraph" and kind == "bwd":
+        return "cudagraph_stream"
     return timer
 
 

@@ -214,4 +214,4 @@ def test_cudagraph_fwd_times_only_the_forward_in_a_graph():
     assert [timer_for(t, "fwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
         "cudagraph", "cudagraph", "do_bench", "cpu"]
     assert [timer_for(t, "bwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
-        "do_bench", "cudagraph", "do_bench", "cpu"]
+        "do_bench", "cudagraph_stream", "do_bench", "cpu"]
