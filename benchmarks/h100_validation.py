@@ -334,6 +334,7 @@ def main() -> None:
     ap.add_argument("--timer", default="auto", help="repeat: timer of the configs")
     ap.add_argument("--phases", default="cold,warm", help="speed: cold and/or warm cache")
     ap.add_argument("--methods", default=",".join(SPEED_METHODS), help="speed: methods")
+    ap.add_argument("--graph-rep-ms", type=float, help="CUDA-graph timer's ms a replay")
     ap.add_argument("--child", choices=SPEED_METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -346,7 +347,10 @@ def main() -> None:
     import torch
     import triton
 
-    from flexbench import config, env
+    from flexbench import config, env, timing
+
+    if args.graph_rep_ms:
+        timing.CUDAGRAPH_REP_MS = args.graph_rep_ms
 
     def configs_for(b, h, s, d, mod):
         return config.BenchConfig(
@@ -366,6 +370,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "graph_rep_ms": timing.CUDAGRAPH_REP_MS,
     }
     parts = args.parts.split(",")
     path = args.out / "validation.json"
