@@ -430,6 +430,7 @@ def _collect(out: Outcome, device: str, code: int, result: Path) -> None:
     out.offline = out.offline or part.offline
     out.run_id = ",".join(filter(None, (out.run_id, part.run_id)))
     out.tracking_s += part.tracking_s
+    out.background_s += part.background_s
     out.problems += part.problems
 
 

@@ -247,3 +247,42 @@ def test_cpu_timer_warms_up_interleaves_and_clears_grads():
 def test_timed_call_returns_the_result_and_seconds():
     out, seconds = timing.timed_call(lambda: 42, "cpu")
     assert out == 42 and 0 <= seconds < 60
+
+
+def _sdpa_pair() -> tuple:
+    """An eager SDPA forward on grad-requiring CPU inputs (the seed's layout), and a dout."""
+    q, k, v = measure.make_inputs(BenchConfig(q_len=64, **CPU), requires_grad=True)
+
+    def fwd():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return fwd, torch.randn_like(q), (q, k, v)
+
+
+def test_backward_pair_returns_grads_without_accumulating_and_repeats():
+    fwd, dout, inputs = _sdpa_pair()
+    expected = torch.autograd.grad(fwd(), inputs, dout)
+    eager_bwd, flex_bwd = measure._backward_pair(fwd, fwd, dout, inputs)
+    for call in (eager_bwd, eager_bwd, flex_bwd):  # the kept forward graph replays
+        grads = call()
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want)
+    assert all(t.grad is None for t in inputs)  # a timed call is the backward kernels only
+
+
+def test_backward_graph_capture_failure_names_the_fallback_timer(monkeypatch):
+    import contextlib
+
+    def capture_fails(fn, grads):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setitem(timing.SAMPLERS, "cudagraph_stream", capture_fails)
+    monkeypatch.setattr(timing, "side_stream", lambda sampler: contextlib.nullcontext())
+    monkeypatch.setattr(timing, "warm_up", lambda fn, device: None)  # no CUDA to sync here
+    fwd, dout, inputs = _sdpa_pair()
+    with pytest.raises(RuntimeError) as info:
+        measure._time_backward("cudagraph", fwd, fwd, dout, inputs)
+    assert str(info.value) == (
+        "backward could not be timed in a CUDA graph (RuntimeError: CUDA error: operation not "
+        "permitted when stream is capturing); rerun with --timer cudagraph_fwd (backward with "
+        "do_bench)")
+    assert info.value.__cause__ is None  # one line: Bench.run must not append the cause again
