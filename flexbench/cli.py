@@ -500,8 +500,10 @@ def _shared_option(name: str, default: object) -> click.Parameter:
     "--grid",
     default="",
     help='kernel options to search, JSON of lists (default {"BLOCK_M": [32, 64, 128], '
-    '"BLOCK_N": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]}); plain names '
-    "reach forward and backward kernels, fwd_/bwd_ prefixes one of them",
+    '"BLOCK_N": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]}); flex applies '
+    "plain num_warps/num_stages to both kernels and BLOCK_M/BLOCK_N to the forward (the backward "
+    "reads BLOCK_M1/N1/M2/N2); fwd_/bwd_ prefixed names reach one kernel only, e.g. fwd_num_warps "
+    "to tune the forward with --calculate-bwd and leave the backward at its default",
 )
 @click.option(
     "--autotune-candidate/--no-autotune-candidate",

@@ -156,12 +156,13 @@ class Selection:
 
 @dataclass(frozen=True)
 class RunRef:
-    """A run's id, experiment, name and flexbench kind (sweep / config / '')."""
+    """A run's id, experiment, name, flexbench kind (sweep / config / '') and part id."""
 
     run_id: str
     experiment_id: str
     name: str
     kind: str
+    part_id: str = ""
 
 
 @dataclass
@@ -235,8 +236,9 @@ class MlflowReader:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             return None
-        kind = run.data.tags.get(tracking.KIND_TAG, "")
-        return RunRef(run.info.run_id, run.info.experiment_id, run.info.run_name, kind)
+        tags = run.data.tags
+        kind, part = tags.get(tracking.KIND_TAG, ""), tags.get(tracking.PART_TAG, "")
+        return RunRef(run.info.run_id, run.info.experiment_id, run.info.run_name, kind, part)
 
     def rows(self, experiment_ids: list[str], clauses: Sequence[Clause]) -> list[dict]:
         flt = " and ".join(c.filter() for c in clauses)
@@ -292,11 +294,14 @@ class SqlReader:
 
     def run(self, run_id: str) -> RunRef | None:
         row = self._one(
-            "SELECT r.run_uuid, r.experiment_id, r.name, t.value FROM runs r LEFT JOIN tags t "
-            "ON t.run_uuid = r.run_uuid AND t.key = :kind WHERE r.run_uuid = :id",
-            {"id": run_id, "kind": tracking.KIND_TAG},
+            "SELECT r.run_uuid, r.experiment_id, r.name, t.value, p.value FROM runs r "
+            "LEFT JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = :kind "
+            "LEFT JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = :part WHERE r.run_uuid = :id",
+            {"id": run_id, "kind": tracking.KIND_TAG, "part": tracking.PART_TAG},
         )
-        return RunRef(row[0], str(row[1]), row[2] or "", row[3] or "") if row else None
+        return (
+            RunRef(row[0], str(row[1]), row[2] or "", row[3] or "", row[4] or "") if row else None
+        )
 
     def rows(self, experiment_ids: list[str], clauses: Sequence[Clause]) -> list[dict]:
         """Four queries (runs, tags, params, latest metrics) over the matching run ids."""
@@ -409,7 +414,13 @@ def scope(r: MlflowReader | SqlReader, experiment: str, sel: Selection) -> Scope
         if run.kind != "sweep":
             raise NotFound(f"run '{sel.sweep}' is not a sweep run (flexbench.kind={run.kind})")
         label = f"sweep run {run.run_id} ({run.name})"
-        return Scope([run.experiment_id], [tag_is(tracking.PARENT_TAG, run.run_id)], label)
+        # Its config runs carry its part id, also a tune's candidates (children of tune runs).
+        mine = (
+            tag_is(tracking.PART_TAG, run.part_id)
+            if run.part_id
+            else tag_is(tracking.PARENT_TAG, run.run_id)
+        )
+        return Scope([run.experiment_id], [mine], label)
     exp_id = r.experiment(experiment)
     if exp_id is None:
         raise NotFound(

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from flexbench import report, tracking, tune
+from flexbench import query, report, tracking, tune
 from flexbench.cli import cli, main
 from flexbench.config import BenchConfig
 
@@ -376,6 +376,15 @@ def test_measured_candidates_are_journalled_and_marked_synced(tuned, mlflow_serv
     assert len(results) == 3 and {e["record_id"] for e in results} == synced
     report_ = tracking.sync(tracking.Journal(tuned["journal"]), mlflow_server.uri)
     assert (report_.uploaded, report_.sweeps) == (0, 0)  # nothing left to upload
+
+
+def test_summary_of_the_tune_sweep_run_lists_its_candidates(tuned, mlflow_server):
+    # Candidates are children of tune runs, not of the sweep run: summary finds them by part id.
+    (sweep_run,) = kind(tuned, "sweep")
+    sel = query.Selection(sweep=sweep_run.info.run_id)
+    rows, label = query.read(sel, mlflow_server.uri, EXPERIMENT)
+    assert sorted(r["run_id"] for r in rows) == sorted(r.info.run_id for r in kind(tuned, "config"))
+    assert label.startswith(f"sweep run {sweep_run.info.run_id}")
 
 
 def test_tune_summary_artifact_on_the_sweep_run(tuned):
