@@ -325,9 +325,15 @@ def description(markdown: str) -> str:
 
 
 def finish_sweep_run(
-    client, run_id: str, results: list[dict], terminate: bool, end_ms: int | None = None
+    client,
+    run_id: str,
+    results: list[dict],
+    terminate: bool,
+    end_ms: int | None = None,
+    failed: bool | None = None,
 ) -> None:
-    """Aggregates, summary artifacts and description on the sweep run."""
+    """Aggregates, summary artifacts and description on the sweep run; it ends FAILED when
+    `failed` (default: when a config failed)."""
     rows = [report.row_from_record(r) for r in results]
     metrics = report.sweep_metrics(rows)
     markdown = report.summary_markdown(rows)
@@ -341,7 +347,7 @@ def finish_sweep_run(
         client.log_figure(run_id, figure, "speedup.png")
         report.close(figure)
     if terminate:
-        failed = metrics.get("configs_failed", 0) > 0
+        failed = metrics.get("configs_failed", 0) > 0 if failed is None else failed
         client.set_terminated(run_id, "FAILED" if failed else "FINISHED", end_time=end_ms)
 
 
@@ -465,10 +471,12 @@ class Tracker:
         its result, or None once offline."""
         return self._call(fn, *args)
 
-    def finish(self, entries: list[dict]) -> None:
-        """Aggregates and artifacts on the sweep run (not ended under `mlflow run`)."""
+    def finish(self, entries: list[dict], failed: bool | None = None) -> None:
+        """Aggregates and artifacts on the sweep run (not ended under `mlflow run`); FAILED
+        when `failed` (default: when a config failed)."""
         self.drain()
-        self._call(finish_sweep_run, self.client, self.run_id, entries, not self.under_mlflow_run)
+        terminate = not self.under_mlflow_run
+        self._call(finish_sweep_run, self.client, self.run_id, entries, terminate, None, failed)
         if not self.offline:
             self.journal.mark_finished(self._sweep["part_id"], target_id(self.uri), self.run_id)
 

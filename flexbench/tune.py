@@ -11,6 +11,7 @@ MLflow layout, three levels linked by mlflow.parentRunId:
 
 - tune sweep run (flexbench.kind=sweep, flexbench.command=tune): the arguments as params, the
   aggregates of all measured candidates as for `run`, summary.md, and tune.md (default vs best);
+  FAILED only when a config has no passing candidate (a failed candidate is a finding);
 - tune run, one per config (flexbench.kind=tune, a child of the sweep run): the config's params;
   metrics default_fwd_compiled_us, best_fwd_compiled_us, best_gain (= default / best, on the
   objective), best_speedup, candidates_measured/_skipped/_failed (and *_bwd_compiled_us);
@@ -396,7 +397,8 @@ def tune_sweep(
 
     configs = [cand.config for p in plans for cand in p.measured]
     measure.run_sweep(configs, on_result, progress=progress)
-    tracker.finish(out.records)
+    # A failed candidate is a finding: the tune sweep fails only where a config has no best.
+    tracker.finish(out.records, failed=any(r["best_us"] is None for r in out.results))
     if not tracker.offline and tracker.run_id:
         tracker.call(tracker.client.log_text, tracker.run_id, tune_markdown(out), "tune.md")
     _warn_offline(tracker, out, warn)

@@ -387,6 +387,20 @@ def test_summary_of_the_tune_sweep_run_lists_its_candidates(tuned, mlflow_server
     assert label.startswith(f"sweep run {sweep_run.info.run_id}")
 
 
+def test_a_failed_candidate_is_a_finding_not_a_failed_tune(mlflow_server, tmp_path):
+    # CPU flex validates BACKEND: this candidate fails, the default still gives a best.
+    out = tune.run(**SHAPE, score_mods=["noop"], device="cpu", grid='{"BACKEND": ["NO_SUCH"]}',
+                   autotune=False, tracking_uri=mlflow_server.uri, experiment="tune-failed",
+                   journal=str(tmp_path / "journal.jsonl"), quiet=True)
+    assert (len(out.records), out.failed, out.exit_code) == (2, 1, 0)
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("tune-failed")
+    status = {r.data.tags.get(tracking.KIND_TAG): r.info.status
+              for r in tracking.search_all(client, [exp.experiment_id])
+              if r.data.tags.get(report.CANDIDATE_TAG) != "default"}
+    assert status == {"sweep": "FINISHED", "tune": "FINISHED", "config": "FAILED"}
+
+
 def test_tune_summary_artifact_on_the_sweep_run(tuned):
     (sweep_run,) = kind(tuned, "sweep")
     text = tuned["client"].download_artifacts(sweep_run.info.run_id, "tune.md")
