@@ -53,14 +53,14 @@ def canonical_kernel_options(options: dict | str | None) -> str:
     return json.dumps(options, sort_keys=True, separators=(",", ":"))
 
 
-def auto_timer(device: str, q_len: int) -> str:
+def auto_timer(device: str) -> str:
     """What timer 'auto' means on a device: on CUDA, forward and backward replayed from CUDA
     graphs. On an H100 (torch 2.11) do_bench read compiled flex's host overhead, not its
     kernels: forward 313 µs against 14 µs of kernel at 2x16x512x64, backward 590 against
     416 µs at 8x16x1024x64, and its medians of compiled flex varied by up to 59% (CV) over 5
-    sweeps; graph replay reads kernel time (BENCHMARKS.md §3-4).
+    sweeps; graph replay reads kernel time (BENCHMARKS.md §3-4). Decoding too: launch overhead
+    dominates there.
     """
-    del q_len  # decoding too: launch overhead dominates there
     return "cpu" if device == "cpu" else "cudagraph"
 
 
@@ -99,7 +99,7 @@ class BenchConfig:
         set_(self, "score_mod", _mod_name(self.score_mod))
         set_(self, "kernel_options", canonical_kernel_options(self.kernel_options))
         if self.timer == "auto":
-            set_(self, "timer", auto_timer(self.device, self.q_len))
+            set_(self, "timer", auto_timer(self.device))
         if self.device == "cpu" and self.timer != "cpu":
             raise ValueError(f"timer {self.timer!r} needs CUDA; use timer 'cpu' or 'auto'")
         if self.device == "cuda" and self.timer == "cpu":
@@ -207,6 +207,6 @@ def with_options(config: BenchConfig, **changes: object) -> BenchConfig:
         if source in changes and derived not in changes:
             if getattr(config, derived) == getattr(config, source):
                 changes[derived] = None
-    if "timer" not in changes and config.timer == auto_timer(config.device, config.q_len):
+    if "timer" not in changes and config.timer == auto_timer(config.device):
         changes["timer"] = "auto"
     return replace(config, **changes)

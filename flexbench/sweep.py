@@ -69,12 +69,26 @@ def configs_from_args(
     kv_lens: Sequence[int] = (),
     decode: bool = False,
     **common: object,
-) -> list[BenchConfig]:
-    """The configs a `run`/`tune` command line names; --decode: q_len 1 against kv_len
-    (--kv-len, else -s). ValueError on a bad combination."""
+) -> tuple[list[BenchConfig], dict[str, object]]:
+    """The configs a `run`/`tune` command line names, and those arguments under their MLflow
+    param names (`mods`, `b`, `nh`, ..., `common` as given, `configs`: how many) for
+    `sweep_params`. --decode: q_len 1 against kv_len (--kv-len, else -s). ValueError on a bad
+    combination."""
+    named = dict(
+        mods=score_mods,
+        b=batch,
+        nh=heads,
+        s=seq_lens,
+        d=head_dims,
+        dtype=dtypes,
+        kv_heads=kv_heads,
+        kv_len=kv_lens,
+        decode=decode,
+        **common,
+    )
     if decode:
         seq_lens, kv_lens = [1], list(kv_lens) or list(seq_lens)
-    return expand_sweep(
+    configs = expand_sweep(
         batch,
         heads,
         seq_lens,
@@ -85,6 +99,7 @@ def configs_from_args(
         kv_lens=list(kv_lens) or [None],
         **common,
     )
+    return configs, {**named, "configs": len(configs)}
 
 
 def run_sweep(
@@ -235,7 +250,7 @@ def run(
     if gpu_ids and device != "cuda":
         raise ValueError("--gpus runs one CUDA worker per GPU; drop --device cpu")
     measure.check_runtime(device, calculate_bwd)
-    configs = configs_from_args(
+    configs, args = configs_from_args(
         batch,
         heads,
         seq_lens,
@@ -252,24 +267,7 @@ def run(
         device=device,
         timer=timer,
     )
-    params = sweep_params(
-        mods=score_mods,
-        b=batch,
-        nh=heads,
-        s=seq_lens,
-        d=head_dims,
-        dtype=dtypes,
-        kv_heads=kv_heads,
-        kv_len=kv_lens,
-        decode=decode,
-        calculate_bwd=calculate_bwd,
-        dynamic=dynamic,
-        max_autotune=max_autotune,
-        kernel_options=kernel_options,
-        device=device,
-        timer=timer,
-        configs=len(configs),
-    )
+    params = sweep_params(**args)
     track = {
         "experiment": experiment,
         "tracking_uri": tracking_uri,

@@ -241,10 +241,14 @@ class TuneOutcome:
         return sum(r["status"] != "FINISHED" for r in self.records)
 
     @property
+    def unsolved(self) -> bool:
+        """A config has no passing candidate (a failed candidate alone is a finding)."""
+        return any(r["best_us"] is None for r in self.results)
+
+    @property
     def exit_code(self) -> int:
-        """1 when tracking went offline or a config has no passing candidate, else 0 (a
-        failed grid candidate is a finding, not an error)."""
-        return 1 if self.offline or any(r["best_us"] is None for r in self.results) else 0
+        """1 when tracking went offline or a config has no passing candidate, else 0."""
+        return 1 if self.offline or self.unsolved else 0
 
     def table(self) -> str:
         return report.tune_table(self.results)
@@ -397,8 +401,7 @@ def tune_sweep(
 
     configs = [cand.config for p in plans for cand in p.measured]
     measure.run_sweep(configs, on_result, progress=progress)
-    # A failed candidate is a finding: the tune sweep fails only where a config has no best.
-    tracker.finish(out.records, failed=any(r["best_us"] is None for r in out.results))
+    tracker.finish(out.records, failed=out.unsolved)
     if not tracker.offline and tracker.run_id:
         tracker.call(tracker.client.log_text, tracker.run_id, tune_markdown(out), "tune.md")
     _warn_offline(tracker, out, warn)
@@ -441,7 +444,7 @@ def run(
     (ValueError on bad input), check the device (RuntimeError), then measure and log."""
     measure.check_runtime(device, calculate_bwd)
     grid_ = parse_grid(grid)
-    configs = sweep.configs_from_args(
+    configs, args = sweep.configs_from_args(
         batch,
         heads,
         seq_lens,
@@ -460,22 +463,9 @@ def run(
     plans = [plan(c, grid_, autotune, smem) for c in configs]
     params = sweep.sweep_params(
         command="tune",
-        mods=score_mods,
-        b=batch,
-        nh=heads,
-        s=seq_lens,
-        d=head_dims,
-        dtype=dtypes,
-        kv_heads=kv_heads,
-        kv_len=kv_lens,
-        decode=decode,
-        calculate_bwd=calculate_bwd,
-        dynamic=dynamic,
-        device=device,
-        timer=timer,
+        **args,
         grid=json.dumps(grid_, separators=(",", ":")),
         autotune_candidate=autotune,
-        configs=len(configs),
         candidates=sum(len(p.candidates) for p in plans),
     )
     return tune_sweep(
