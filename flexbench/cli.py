@@ -1,4 +1,4 @@
-"""click CLI: run, mods, sync, summary, compare, tune (thin: parse -> call the API)."""
+"""click CLI: run, mods, sync, summary, compare, history, tune (thin: parse -> call the API)."""
 
 from __future__ import annotations
 
@@ -448,6 +448,104 @@ def compare(
     click.echo(report.render_compare(result, fmt))
     if not result.matches:
         click.echo("Error: no config is on both sides; nothing was compared", err=True)
+    sys.exit(result.exit_code)
+
+
+EPILOG_HISTORY = """\b
+Examples:
+  flexbench history                                  # every config over all sweeps
+  flexbench history --where score_mod=causal --last 30 --format markdown
+  flexbench history --since 2026-11-01 --z 4 --min-change 3%   # exit 1 on a regression (CI)
+  flexbench history --comparable-on gpu,regime,torch  # a torch upgrade starts a new history
+"""
+
+
+@cli.command(epilog=EPILOG_HISTORY)
+@reading
+@click.option("--where", multiple=True, help=WHERE_HELP + "gpu=...; repeatable (AND)")
+@click.option(
+    "--since",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"]),
+    default=None,
+    help="only runs started on or after this date (UTC), e.g. 2026-11-01",
+)
+@click.option("--last", type=click.IntRange(min=1), default=None, help="only the last N sweeps")
+@click.option(
+    "--lookback",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="comparable points before a step that form its baseline",
+)
+@click.option(
+    "--z",
+    "z",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="z-score (on log times) a change must reach",
+)
+@click.option(
+    "--min-change",
+    default="5",
+    show_default=True,
+    callback=percent,
+    help="percent change a change must also reach",
+)
+@click.option(
+    "--comparable-on",
+    default="gpu,regime",
+    show_default=True,
+    help="environment keys that must agree for points to be compared (add driver, cuda, "
+    "torch, triton for a stricter history); changes of the others are noted",
+)
+@click.option(
+    "--timing",
+    "timings",
+    multiple=True,
+    type=click.Choice(["fwd_eager_us", "fwd_compiled_us", "bwd_eager_us", "bwd_compiled_us"]),
+    help="timings to judge (default: all measured)",
+)
+def history(
+    tracking_uri: str | None,
+    experiment: str,
+    fmt: str,
+    where: tuple[str, ...],
+    since: object,
+    last: int | None,
+    lookback: int,
+    z: float,
+    min_change: float,
+    comparable_on: str,
+    timings: tuple[str, ...],
+) -> None:
+    """Each config's timings across sweeps, oldest first; flag step changes; exit 1 when any
+    config regressed.
+
+    Per config and timing, the newest level (the sweeps since the latest step) is compared with
+    the --lookback comparable sweeps before that step: a regression is slower by at least
+    --min-change and --z standard deviations (of those sweeps' medians, or of their runs' own
+    p20-p80 noise if larger), all on the log of the median. Statuses: regressed, improved,
+    stable, insufficient history (fewer than 3 comparable sweeps before), not comparable (the
+    newest run ran on another GPU or regime, or was throttled or unconverged). Where the
+    environment (torch, triton, driver, ...) changed, the table says so.
+    """
+    from flexbench import history as api
+
+    rule = api.Rule(lookback=lookback, z=z, min_change=min_change, min_history=min(3, lookback))
+    keys = _split((comparable_on,))
+    result = _report(
+        api.history,
+        tracking_uri,
+        experiment,
+        where,
+        since,
+        last,
+        rule,
+        keys,
+        timings or api.TIMINGS,
+    )
+    click.echo(api.render(result, fmt))
     sys.exit(result.exit_code)
 
 
