@@ -1,4 +1,5 @@
-"""click CLI: run, mods, sync, summary, compare, history, tune (thin: parse -> call the API)."""
+"""click CLI: run, mods, sync, summary, compare, history, repro, tune (thin: parse -> call
+the API)."""
 
 from __future__ import annotations
 
@@ -547,6 +548,26 @@ def history(
     )
     click.echo(api.render(result, fmt))
     sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+)
+def repro(run_id: str, tracking_uri: str | None) -> None:
+    """Print the `flexbench run` command that measures config run RUN_ID's config alone.
+
+    \b
+    Example:
+      flexbench repro 3f2a9c1b7e4d4b0f9a8c1d2e3f4a5b6c
+      $(flexbench repro RUN_ID) --resume   # skipped: already measured on this stack
+    """
+    from flexbench import repro as api
+
+    click.echo(_report(api.lookup, run_id, tracking_uri))
 
 
 EPILOG_TUNE = """\b

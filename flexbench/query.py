@@ -240,6 +240,10 @@ class MlflowReader:
         kind, part = tags.get(tracking.KIND_TAG, ""), tags.get(tracking.PART_TAG, "")
         return RunRef(run.info.run_id, run.info.experiment_id, run.info.run_name, kind, part)
 
+    def tag(self, run_id: str, key: str) -> str | None:
+        """One tag of an existing run (None when it has none)."""
+        return self.client.get_run(run_id).data.tags.get(key)
+
     def rows(self, experiment_ids: list[str], clauses: Sequence[Clause]) -> list[dict]:
         flt = " and ".join(c.filter() for c in clauses)
         with no_gc():
@@ -302,6 +306,13 @@ class SqlReader:
         return (
             RunRef(row[0], str(row[1]), row[2] or "", row[3] or "", row[4] or "") if row else None
         )
+
+    def tag(self, run_id: str, key: str) -> str | None:
+        """One tag of a run (None when it has none)."""
+        row = self._one(
+            "SELECT value FROM tags WHERE run_uuid = :id AND key = :key", {"id": run_id, "key": key}
+        )
+        return row[0] if row else None
 
     def rows(self, experiment_ids: list[str], clauses: Sequence[Clause]) -> list[dict]:
         """Four queries (runs, tags, params, latest metrics) over the matching run ids."""

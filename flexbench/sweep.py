@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flexbench import env, measure, report, tracking
+from flexbench import env, measure, report, repro, tracking
 from flexbench.config import BenchConfig, expand_sweep, shard
 
 
@@ -135,7 +135,8 @@ def run_sweep(
 
     def log_result(result: measure.Result) -> None:
         end = now_ms()
-        entry = tracking.result_entry(result.record(), sweep, tags, last[0], end)
+        mine = {**tags, repro.REPRO_TAG: repro.command(result.config, experiment)}
+        entry = tracking.result_entry(result.record(), sweep, mine, last[0], end)
         last[0] = end
         tracker.log_later(entry)
         out.records.append(entry)

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flexbench import measure, mods, report, sweep, tracking
+from flexbench import measure, mods, report, repro, sweep, tracking
 from flexbench.config import KERNEL_OPTION_TYPES, BenchConfig, with_options
 
 DEFAULT_GRID: dict[str, list] = {
@@ -291,6 +291,8 @@ class Session:
         }
         if cand.skipped:
             tags[report.SKIPPED_TAG] = cand.skipped
+        else:
+            tags[repro.REPRO_TAG] = repro.command(cand.config, self.sweep["experiment"])
         return tracking.result_entry(record, self.sweep, tags, start_ms, end_ms)
 
     def begin(self, p: Plan) -> None:

@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from flexbench import cli, query, report, sweep, tracking
-from flexbench.config import expand_sweep
+from flexbench import cli, query, report, repro, sweep, tracking
+from flexbench.config import BenchConfig, expand_sweep
 from tests.servers import free_port
 
 OLD_TORCH = "2.10.0"
@@ -439,3 +439,53 @@ def test_database_reader_matches_the_server(mlflow_server, two_sweeps):
         via_database = query.read(sel, mlflow_server.backend_uri, "summary")
         assert via_database == via_server
         assert via_server[0]
+
+
+# --- repro -----------------------------------------------------------------------------------
+
+
+def test_repro_command_spells_out_every_field_of_the_config():
+    c = BenchConfig(
+        2,
+        8,
+        1,
+        64,
+        kv_heads=2,
+        kv_len=4096,
+        dtype="float16",
+        score_mod="sliding_window:128",
+        calculate_bwd=True,
+        device="cuda",
+        timer="do_bench",
+        kernel_options={"BLOCK_M": 64},
+    )
+    cmd = repro.command(c, "nightly")
+    assert cmd == (
+        "flexbench run -b 2 -nh 8 -s 1 -d 64 --kv-heads 2 --kv-len 4096 -dtype float16 "
+        "-mods sliding_window:128 --calculate-bwd --device cuda --timer do_bench "
+        "--kernel-options '{\"BLOCK_M\":64}' --experiment nightly"
+    )
+    p = cli.run.make_context("run", shlex.split(cmd)[2:]).params  # as `flexbench run` parses it
+    names = ("calculate_bwd", "dynamic", "max_autotune", "kernel_options", "device", "timer")
+    args = [p[k] for k in ("batch", "heads", "seq_lens", "head_dims", "score_mods", "dtypes")]
+    again, _ = sweep.configs_from_args(
+        *args, p["kv_heads"], p["kv_lens"], p["decode"], **{k: p[k] for k in names}
+    )
+    assert [x.config_key() for x in again] == [c.config_key()]
+
+
+def test_repro_reruns_the_config_and_resume_skips_it(mlflow_server, measured, capsys):
+    uri = mlflow_server.uri
+    rows, _ = query.read(query.Selection(measured.run_id), uri, "summary")
+    causal = next(r for r in rows if r["score_mod"] == "causal")
+    code, out, _ = flexbench(capsys, f"repro {causal['run_id']} --tracking-uri {uri}")
+    assert code == 0 and out.startswith("flexbench run ") and "-mods causal" in out
+    assert out.strip() == causal[repro.REPRO_TAG]
+    # The same config in an experiment of its own, then the printed command with --resume.
+    entry = next(e for e in measured.records if e["params"]["score_mod"] == "causal")
+    log_sweep(uri, "repro", [record_of(entry)], entry["tags"], "measured once")
+    again = f"{out.strip().removeprefix('flexbench ')} --experiment repro --resume --quiet"
+    code, _, err = flexbench(capsys, f"{again} --tracking-uri {uri}")
+    assert code == 0 and "resume: skipped 1 of 1 configs already measured" in err
+    code, _, err = flexbench(capsys, f"repro {measured.run_id} --tracking-uri {uri}")
+    assert code == 1 and "has no flexbench.repro tag" in err  # a sweep run, not a config run
