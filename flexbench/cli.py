@@ -235,6 +235,15 @@ def _default_device(device: str) -> str:
     default=None,
     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
 )
+@click.option(
+    "--tracking-timeout",
+    type=click.FloatRange(min=1),
+    default=120,
+    show_default=True,
+    metavar="SECONDS",
+    help="how long one tracking step waits on a busy server (slow answers, 429/503) before "
+    "results go to the journal only; a refused connection gives up at once",
+)
 @click.option("--run-name", default=None, help="name of the sweep run")
 @click.option("--resume", is_flag=True, help="skip configs already FINISHED on this stack")
 @click.option(
@@ -271,6 +280,9 @@ def run(**opts: object) -> None:
     if outcome.records:
         click.echo(outcome.tables())
     click.echo(api.closing_line(outcome), err=True)
+    hint = api.next_commands(outcome, str(opts["experiment"]), opts["tracking_uri"])
+    if hint:
+        click.echo(hint, err=True)
     sys.exit(outcome.exit_code)
 
 
@@ -596,6 +608,7 @@ TUNE_SHARED = {
     "timer": None,
     "experiment": None,
     "tracking_uri": None,
+    "tracking_timeout": None,
     "journal": None,
     "quiet": None,
 }

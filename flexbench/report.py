@@ -29,7 +29,17 @@ IDENTITY = ("shape", "kv_heads", "kv_len", "score_mod", "dtype")
 FIGURE_MAX_IN = 40.0  # a 10,000-config sweep must not ask matplotlib for a 4,500-inch figure
 FIGURE_MAX_LABELS = 80  # beyond this, config names on the x axis are unreadable
 # Shown in the table only when they differ between rows (e.g. `--sweep all` over two stacks).
-VARYING = ("device", "timer", "dynamic", "max_autotune", "gpu", "torch", "triton", "cuda")
+VARYING = (
+    "baseline",
+    "device",
+    "timer",
+    "dynamic",
+    "max_autotune",
+    "gpu",
+    "torch",
+    "triton",
+    "cuda",
+)
 TABLE_COLUMNS = (
     "shape",
     "kv_heads",
@@ -105,11 +115,54 @@ def _columns(rows: Sequence[dict]) -> list[str]:
 
 
 def results_table(rows: Sequence[dict], fmt: str = "github") -> str:
-    """The seed's per-config table (passing configs)."""
+    """The seed's per-config table (passing configs), its headers naming the sides."""
     good = ok_rows(rows)
     cols = _columns(good)
     body = [[_num(r.get(c, "")) for c in cols] for r in good]
-    return tabulate(body, headers=cols, tablefmt=fmt, floatfmt=".3f")
+    word = baseline_word(good)
+    headers = [side_header(c, word) for c in cols]
+    return tabulate(body, headers=headers, tablefmt=fmt, floatfmt=float_formats(cols))
+
+
+# The metric names keep the seed's words (the MLflow contract); tables say which side is which.
+FLEX_WORD = "flex"
+MIXED_BASELINES = "baseline"
+
+
+def baseline_family(name: str) -> str:
+    """`sdpa` for every SDPA form (plain, is_causal, attn_mask); other baselines by name
+    (`eager_math`); `baseline` when the row does not say."""
+    if not name:
+        return MIXED_BASELINES
+    return "sdpa" if name.startswith("sdpa") else name
+
+
+def baseline_word(rows: Sequence[dict]) -> str:
+    """The baseline's name shared by all rows (from their `baseline` param), else `baseline`
+    (the table then has a `baseline` column)."""
+    names = {baseline_family(str(r.get("baseline", ""))) for r in rows}
+    return names.pop() if len(names) == 1 else MIXED_BASELINES
+
+
+def side_header(metric: str, baseline: str) -> str:
+    """A metric's table header: `fwd_eager_us` -> `fwd_sdpa_us`, `fwd_compiled_us` ->
+    `fwd_flex_us`; other names as they are."""
+    kind, _, rest = metric.partition("_")
+    side, _, unit = rest.partition("_")
+    words = {"eager": baseline, "compiled": FLEX_WORD}
+    if kind in KINDS and side in words and unit:
+        return f"{kind}_{words[side]}_{unit}"
+    return metric
+
+
+def float_formats(cols: Sequence[str]) -> list[str]:
+    """Errors in scientific notation (3.5e-07, not 0.000); everything else to 3 decimals."""
+    return [".2e" if c.endswith("_err") else ".3f" for c in cols]
+
+
+def heading(title: str) -> str:
+    """A markdown heading between tables (the terminal prints markdown tables too)."""
+    return f"\n### {title}\n"
 
 
 def _num(value: object) -> object:
@@ -150,15 +203,15 @@ def failed_table(rows: Sequence[dict], fmt: str = "github") -> str:
 def seed_tables(rows: Sequence[dict], fmt: str = "github") -> str:
     """Results table, then FWD (and BWD) Average/Max/Min tables, then failures."""
     parts = [results_table(rows, fmt)]
+    word = baseline_word(ok_rows(rows))
     for kind in KINDS:
         agg = aggregate_rows(rows, kind)
         if agg:
-            title = f"{kind.upper()} Speedups"
-            parts.append(f"\n{title.center(100, '=')}\n")
+            parts.append(heading(f"{kind.upper()} Speedups ({word} time / {FLEX_WORD} time)"))
             parts.append(tabulate(agg, headers="keys", tablefmt=fmt, floatfmt=".3f"))
     failed = failed_table(rows, fmt)
     if failed:
-        parts.append(f"\n{'Failed configs'.center(100, '=')}\n")
+        parts.append(heading("Failed configs"))
         parts.append(failed)
     return "\n".join(parts)
 
@@ -388,7 +441,10 @@ class Match:
         """The status with what changed, e.g. `regression: fwd_compiled_us +20.0%`."""
         if self.status == "now fails":
             return f"now fails: {self.contender.get('error', '')}"
-        flagged = [f"{c.timing} {c.ratio - 1:+.1%}" for c in self.changes if c.verdict]
+        word = baseline_family(str(self.base.get("baseline", "")))
+        flagged = [
+            f"{side_header(c.timing, word)} {c.ratio - 1:+.1%}" for c in self.changes if c.verdict
+        ]
         return f"{self.status}: {', '.join(flagged)}" if flagged else self.status
 
 
@@ -509,7 +565,8 @@ def _ratio_table(c: Comparison, fmt: str) -> str:
     for m in c.matches:
         ratios = {ch.timing: ch.ratio for ch in m.changes}
         body.append([m.name, *(ratios.get(t, "") for t in timings), m.detail()])
-    headers = ["config", *(f"{t} ratio" for t in timings), "status"]
+    word = baseline_word([m.base for m in c.matches])
+    headers = ["config", *(f"{side_header(t, word)} ratio" for t in timings), "status"]
     return tabulate(body, headers=headers, tablefmt=fmt, floatfmt=".3f")
 
 

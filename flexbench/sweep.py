@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flexbench import env, measure, report, repro, tracking
+from flexbench import env, measure, patience, report, repro, tracking
 from flexbench.config import BenchConfig, expand_sweep, shard
 
 
@@ -32,6 +32,7 @@ class Outcome:
     skipped: int = 0
     offline: str | None = None
     run_id: str = ""
+    experiment_id: str = ""
     journal: str = ""
     wall_s: float = 0.0
     tracking_s: float = 0.0  # the sweep waited on MLflow this long
@@ -114,6 +115,7 @@ def run_sweep(
     progress: bool = True,
     warn: Callable[[str], None] = print,
     on_result: Callable[[dict], None] | None = None,
+    tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
 ) -> Outcome:
     """Measure, journal and log every config under one sweep run; never loses a result.
 
@@ -121,9 +123,8 @@ def run_sweep(
     background thread (`Tracker.log_later`), all of them before this returns.
     """
     start = time.perf_counter()
-    tracker, tags = connect(
-        experiment, tracking_uri, journal, configs[0].device if configs else "cpu"
-    )
+    device = configs[0].device if configs else "cpu"
+    tracker, tags = connect(experiment, tracking_uri, journal, device, tracking_timeout)
     out = Outcome(sweep_id or new_sweep_id(), journal=str(tracker.journal.path))
     configs = _resume(configs, tracker, tags, out, warn) if resume else list(configs)
     sweep = sweep_entry(
@@ -148,6 +149,7 @@ def run_sweep(
     tracker.finish(out.records)
     warn_offline(tracker, out, warn)
     out.run_id, out.tracking_s = tracker.run_id, tracker.tracking_s
+    out.experiment_id = tracker.exp_id
     out.background_s = tracker.background_s
     out.wall_s = time.perf_counter() - start
     return out
@@ -173,11 +175,16 @@ def _resume(
 
 
 def connect(
-    experiment: str, tracking_uri: str | None, journal: str | None, device: str
+    experiment: str,
+    tracking_uri: str | None,
+    journal: str | None,
+    device: str,
+    timeout_s: float = patience.DEFAULT_TIMEOUT_S,
 ) -> tuple[tracking.Tracker, dict[str, str]]:
-    """A Tracker that has tried to reach the server (offline if not), and the env tags."""
+    """A Tracker that has tried to reach the server (offline if not), and the env tags;
+    `timeout_s` is how long one tracking step may wait on a busy server."""
     uri = tracking.resolve_uri(tracking_uri)
-    tracker = tracking.Tracker(uri, experiment, tracking.Journal(journal))
+    tracker = tracking.Tracker(uri, experiment, tracking.Journal(journal), timeout_s=timeout_s)
     tags = env.capture(device)
     tracker.connect()
     return tracker, tags
@@ -235,6 +242,7 @@ def run(
     timer: str = "auto",
     experiment: str = "flexbench",
     tracking_uri: str | None = None,
+    tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
     run_name: str | None = None,
     resume: bool = False,
     journal: str | None = None,
@@ -272,6 +280,7 @@ def run(
     track = {
         "experiment": experiment,
         "tracking_uri": tracking_uri,
+        "tracking_timeout": tracking_timeout,
         "journal": journal,
         "resume": resume,
         "sweep_id": sweep_id or new_sweep_id(),
@@ -381,7 +390,9 @@ def prepare_store(track: dict) -> None:
     """Create the tracking store and the experiment once, before workers race to do it (two
     processes initialising a new SQLite store fail with 'duplicate column name')."""
     uri = tracking.resolve_uri(track["tracking_uri"])
-    tracking.Tracker(uri, track["experiment"], tracking.Journal(track["journal"])).connect()
+    journal = tracking.Journal(track["journal"])
+    timeout_s = track.get("tracking_timeout", patience.DEFAULT_TIMEOUT_S)
+    tracking.Tracker(uri, track["experiment"], journal, timeout_s=timeout_s).connect()
 
 
 def _job(
@@ -428,6 +439,7 @@ def _collect(out: Outcome, device: str, code: int, result: Path) -> None:
     out.skipped += part.skipped
     out.offline = out.offline or part.offline
     out.run_id = ",".join(filter(None, (out.run_id, part.run_id)))
+    out.experiment_id = out.experiment_id or part.experiment_id
     out.tracking_s += part.tracking_s
     out.background_s += part.background_s
     out.problems += part.problems
@@ -476,6 +488,36 @@ def closing_line(out: Outcome) -> str:
         )
     runs = out.run_id.split(",")
     return line + (f"; sweep runs {', '.join(runs)}" if len(runs) > 1 else f"; sweep run {runs[0]}")
+
+
+def next_commands(out: Outcome, experiment: str, tracking_uri: str | None = None) -> str:
+    """Two lines: the command that prints these tables again, and where to see the runs
+    ('' when the sweep did not reach the tracking server)."""
+    if out.offline or not out.run_id:
+        return ""
+    runs = out.run_id.split(",")
+    if len(runs) == 1:
+        pick = f"--sweep {runs[0]}"
+    else:
+        pick = f"--sweep-id {out.sweep_id}"
+        pick += f" --experiment {experiment}" if experiment != "flexbench" else ""
+    uri = tracking.resolve_uri(tracking_uri)
+    if tracking_uri:
+        pick += f" --tracking-uri {tracking.redact(uri)}"
+    return (
+        f"next: flexbench summary {pick}   # these tables again, read from MLflow\n"
+        f"      {ui_hint(uri, out.experiment_id)}"
+    )
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """Where the runs table of the experiment is: a server's page, or `mlflow ui` on a store."""
+    page = f"/#/experiments/{experiment_id}/runs" if experiment_id else ""
+    here = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    uri = "sqlite:///mlflow.db" if uri == here else uri  # MLflow's default, as README has it
+    if uri.startswith(("http://", "https://")):
+        return f"the runs: {tracking.redact(uri).rstrip('/')}{page}"
+    return f"mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000{page}"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ record reaches the local journal before MLflow; a tracking failure turns the `Tr
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -16,11 +17,10 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexbench import report
+from flexbench import patience, report
 
 SWEEP_ID_TAG = "flexbench.sweep_id"
 CONFIG_KEY_TAG = "flexbench.config_key"
@@ -33,17 +33,6 @@ NOTE_TAG = "mlflow.note.content"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RESUME_MATCH = ("torch", "triton", "gpu")
 DEFAULT_JOURNAL = Path(".flexbench") / "journal.jsonl"
-# Fail fast against a dead server instead of MLflow's 7 retries with exponential backoff
-# (minutes per call): 2 retries, 0 s then ~2 s apart, 5 s timeout each. Measured: a refused
-# connection is given up after 2 s, a server that accepts but never answers after 20 s.
-# MLflow parses the factor and the timeout as whole numbers.
-HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-}
-HTTP_FORCED = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 NOTE_MAX_CHARS = 7900  # MLflow rejects tag values over 8000 characters
 SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 PAGE = 1000
@@ -74,10 +63,17 @@ def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
 
 
-def describe_failure(exc: BaseException, uri: str) -> str:
+def describe_failure(
+    exc: BaseException, uri: str, timeout_s: float = patience.DEFAULT_TIMEOUT_S
+) -> str:
     """One line naming what went wrong with the tracking server and how to fix it."""
     text = redact(" ".join(str(exc).split()))
     where = redact(uri)
+    if patience.is_busy(exc):
+        return (
+            f"tracking server at {where} did not answer within {timeout_s:g} s (busy): "
+            "raise --tracking-timeout"
+        )
     if re.search(r"\b401\b|unauthori[sz]ed|not authenticated", text, re.I):
         return (
             f"authentication failed at {where}: check MLFLOW_TRACKING_USERNAME and "
@@ -90,21 +86,9 @@ def describe_failure(exc: BaseException, uri: str) -> str:
     return f"tracking failed at {where}: {text[:200]}"
 
 
-@contextmanager
-def fast_http() -> Iterator[None]:
-    """MLflow HTTP retry settings that fail within seconds (unless the user set their own),
-    and no "View run at <tracking URI>" lines: that URI may hold credentials."""
-    saved = {k: os.environ.get(k) for k in (*HTTP_DEFAULTS, *HTTP_FORCED)}
-    os.environ.update({k: v for k, v in HTTP_DEFAULTS.items() if saved[k] is None})
-    os.environ.update(HTTP_FORCED)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def fast_http(timeout_s: float = patience.DEFAULT_TIMEOUT_S):
+    """MLflow HTTP settings of a tracking step (see `patience`)."""
+    return patience.patient_http(timeout_s)
 
 
 # --- journal ---------------------------------------------------------------------------------
@@ -239,6 +223,17 @@ def log_child(client, exp_id: str, parent_id: str, entry: dict) -> str:
         exp_id, start_time=entry["start_ms"], tags=tags, run_name=entry["run_name"]
     )
     complete_child(client, run.info.run_id, entry)
+    return run.info.run_id
+
+
+def log_child_once(client, exp_id: str, parent_id: str, entry: dict) -> str:
+    """`log_child` that is safe to repeat: a run with the entry's record id (an earlier try
+    the server did not answer in time) is completed, not logged twice."""
+    run = find_run(client, exp_id, RECORD_ID_TAG, entry["record_id"])
+    if run is None:
+        return log_child(client, exp_id, parent_id, entry)
+    if run.info.status == "RUNNING":
+        complete_child(client, run.info.run_id, entry)
     return run.info.run_id
 
 
@@ -378,23 +373,34 @@ class Tracker:
     exp_id: str = ""
     run_id: str = ""
     under_mlflow_run: bool = False
+    timeout_s: float = patience.DEFAULT_TIMEOUT_S
+    waits: int = 0  # tracking steps tried again because the server was slow
     tracking_s: float = 0.0
     background_s: float = 0.0
     _sweep: dict = field(default_factory=dict)
     _pool: ThreadPoolExecutor | None = None
     _pending: list[Future] = field(default_factory=list)
 
-    def _call(self, fn, *args) -> object:
-        """Run one tracking step; on failure remember why and go offline."""
+    def _call(self, fn, *args, again=None) -> object:
+        """Run one tracking step; on failure remember why and go offline. A busy server (slow
+        answers, 429/5xx) is tried again with backoff for up to `timeout_s`, then with
+        `again` (default `fn`): a form of the step that is safe to repeat."""
         if self.offline:
             return None
         start = time.perf_counter()
         try:
-            with fast_http():
-                return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - any failure means: keep measuring, journal
-            self.offline = describe_failure(exc, self.uri)
-            return None
+            for attempt in itertools.count():
+                try:
+                    with fast_http(self.timeout_s):
+                        return (again or fn)(*args) if attempt else fn(*args)
+                except Exception as exc:  # noqa: BLE001 - any failure: keep measuring, journal
+                    wait = patience.backoff_s(attempt)
+                    spent = time.perf_counter() - start
+                    if not patience.is_busy(exc) or spent + wait > self.timeout_s:
+                        self.offline = describe_failure(exc, self.uri, self.timeout_s)
+                        return None
+                    self.waits += 1
+                    time.sleep(wait)
         finally:
             spent = time.perf_counter() - start
             if threading.current_thread().name.startswith(BACKGROUND):
@@ -450,7 +456,8 @@ class Tracker:
 
     def _log_marked(self, entry: dict, parent: str | None = None) -> str | None:
         """Log a journalled entry as a child run and mark it synced; None when offline."""
-        run_id = self._call(log_child, self.client, self.exp_id, parent or self.run_id, entry)
+        args = (self.client, self.exp_id, parent or self.run_id, entry)
+        run_id = self._call(log_child, *args, again=log_child_once)
         if run_id:
             self.journal.mark_synced(entry["record_id"], target_id(self.uri), run_id)
         return run_id

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flexbench import measure, mods, report, repro, sweep, tracking
+from flexbench import measure, mods, patience, report, repro, sweep, tracking
 from flexbench.config import KERNEL_OPTION_TYPES, BenchConfig, with_options
 
 DEFAULT_GRID: dict[str, list] = {
@@ -374,12 +374,13 @@ def tune_sweep(
     sweep_params: dict[str, str] | None = None,
     progress: bool = True,
     warn: Callable[[str], None] = print,
+    tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
 ) -> TuneOutcome:
     """Measure every plan's candidates (one `measure.run_sweep`, so compiled callables are
     shared), log them as described in the module docstring, tag each config's best."""
     start = time.perf_counter()
     device = plans[0].base.device if plans else "cpu"
-    tracker, tags = sweep.connect(experiment, tracking_uri, journal, device)
+    tracker, tags = sweep.connect(experiment, tracking_uri, journal, device, tracking_timeout)
     out = TuneOutcome(sweep.new_sweep_id(), journal=str(tracker.journal.path))
     entry = sweep.sweep_entry(
         out.sweep_id,
@@ -437,6 +438,7 @@ def run(
     autotune: bool = True,
     experiment: str = "flexbench",
     tracking_uri: str | None = None,
+    tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
     run_name: str | None = None,
     journal: str | None = None,
     quiet: bool = False,
@@ -479,6 +481,7 @@ def run(
         params,
         progress=not quiet,
         warn=warn or sweep.warn_stderr,
+        tracking_timeout=tracking_timeout,
     )
 
 

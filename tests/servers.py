@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -77,3 +78,69 @@ class MlflowServer:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
         self.proc = None
+
+
+class SlowProxy:
+    """An HTTP proxy on a free loopback port in front of `target` that holds each request
+    whose path contains one of `slow_paths` for `delay_s` before forwarding it: a server
+    that is up but slow (as a loaded 2-core machine makes it), not one that is down."""
+
+    def __init__(self, target: str, delay_s: float, slow_paths: tuple[str, ...]) -> None:
+        self.target = target.rstrip("/")
+        self.delay_s = delay_s
+        self.slow_paths = slow_paths
+        self.delayed = 0
+        self.port = free_port()
+        self._server = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> SlowProxy:
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self):
+        from http.server import BaseHTTPRequestHandler
+
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if any(p in self.path for p in proxy.slow_paths):
+                    proxy.delayed += 1
+                    time.sleep(proxy.delay_s)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                request = urllib.request.Request(
+                    proxy.target + self.path, data=body, headers=headers, method=self.command
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=120) as r:
+                        status, reply, data = r.status, r.headers, r.read()
+                except urllib.error.HTTPError as e:
+                    status, reply, data = e.code, e.headers, e.read()
+                self.send_response(status)
+                for k, v in reply.items():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        return Handler

@@ -187,7 +187,12 @@ def test_readme_main_job_prints_seed_tables_and_logs_to_mlflow_db(tmp_path):
     assert "FWD Speedups" in out
     for word in ("| shape", "fwd_speedup", "| Average", "| Max", "| Min", "1,4,256,64"):
         assert word in out, out
-    assert "sweep run" in proc.stderr.strip().splitlines()[-1]
+    *_, closing, summary, ui = proc.stderr.strip().splitlines()
+    assert "sweep run" in closing  # then the next commands
+    assert summary.startswith("next: flexbench summary --sweep ")
+    assert ui.strip().startswith("mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    for header in ("fwd_sdpa_us", "fwd_flex_us", "max_abs_err"):
+        assert header in out
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("flexbench")

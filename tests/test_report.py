@@ -12,6 +12,7 @@ import copy
 import csv
 import io
 import json
+import re
 import shlex
 import time
 import uuid
@@ -216,6 +217,34 @@ def test_table_keeps_fractional_speedups():
     assert "2.345" in report.results_table(rows)
 
 
+def table_row(mod: str, baseline: str) -> dict:
+    return {
+        "shape": "1,2,128,16",
+        "score_mod": mod,
+        "dtype": "float32",
+        "baseline": baseline,
+        "fwd_eager_us": 20.0,
+        "fwd_compiled_us": 10.0,
+        "fwd_speedup": 2.0,
+        "max_abs_err": 3.5e-7,
+        "run_name": mod,
+        "status": "FINISHED",
+    }
+
+
+def test_table_headers_name_the_sides_and_errors_are_scientific():
+    sdpa = report.seed_tables([table_row("noop", "sdpa"), table_row("causal", "sdpa_is_causal")])
+    header = sdpa.splitlines()[0]
+    assert "fwd_sdpa_us" in header and "fwd_flex_us" in header and "eager" not in header
+    assert "| baseline" in header and "sdpa_is_causal" in sdpa  # which SDPA form ran
+    assert sdpa.count("3.50e-07") == 2 and not re.search(r"\|\s+0\.000 \|", sdpa)
+    assert "\n### FWD Speedups (sdpa time / flex time)\n" in sdpa and "=====" not in sdpa
+    math_only = report.results_table([table_row("softcap", "eager_math")]).splitlines()[0]
+    assert "fwd_eager_math_us" in math_only and "fwd_flex_us" in math_only
+    mixed = report.results_table([table_row("noop", "sdpa"), table_row("softcap", "eager_math")])
+    assert "fwd_baseline_us" in mixed.splitlines()[0] and "eager_math" in mixed
+
+
 def test_figure_of_a_huge_sweep_stays_a_sane_size():
     rows = [{"run_name": f"c{i}", "fwd_speedup": 1.0, "status": "FINISHED"} for i in range(200)]
     figure = report.speedup_figure(rows)
@@ -354,8 +383,8 @@ def test_compare_flags_a_20_percent_slowdown(mlflow_server, compared, capsys):
     )
     assert code == 1
     assert out.startswith("**flexbench compare**") and "2 regressed" in out
-    assert out.count("regression: fwd_compiled_us +20.0%") == 2
-    assert "fwd_eager_us +" not in out  # SDPA did not change
+    assert out.count("regression: fwd_flex_us +20.0%") == 2
+    assert "fwd_sdpa_us +" not in out  # SDPA did not change
     lines = [line for line in out.splitlines() if line.startswith("| causal")]
     assert lines and "1.200" in lines[0]
 

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from flexbench import sweep, tracking
 from flexbench.config import BenchConfig, expand_sweep
-from tests.servers import MlflowServer, free_port
+from tests.servers import MlflowServer, SlowProxy, free_port
 
 FAILING_MOD = "tests.failing_mod:boom"
 SECRET_URI_PASSWORD = "s3cret-in-uri"
@@ -355,6 +355,26 @@ def test_unreachable_from_the_start_then_sync(mlflow_server, monkeypatch, capfd)
     assert all(r.info.status == "FINISHED" and "fwd_speedup" in r.data.metrics for r in kids)
     exp = client.get_experiment_by_name("offline-start")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+SLOW_S = 8.0  # longer than the old fixed 5 s timeout that read a busy server as an outage
+
+
+def test_a_slow_server_is_waited_for_not_declared_unreachable(mlflow_server):
+    """Every run creation answers 8 s late, in the sweep's thread and the background one."""
+    warnings: list[str] = []
+    with SlowProxy(mlflow_server.uri, SLOW_S, ("runs/create",)) as proxy:
+        out = sweep.run_sweep(
+            tiny("noop"), "slow-server", proxy.uri, progress=False, warn=warnings.append
+        )
+    assert (out.offline, warnings, out.exit_code) == (None, [], 0)
+    assert proxy.delayed == 2  # the sweep run, then the config run
+    assert out.tracking_s + out.background_s >= 2 * SLOW_S
+    client = MlflowClient(mlflow_server.uri)
+    (parent,) = runs_of_kind(client, "slow-server", "sweep")
+    assert parent.info.status == "FINISHED" and parent.info.run_id == out.run_id
+    (child,) = children(client, out.run_id)
+    assert child.info.status == "FINISHED" and "fwd_speedup" in child.data.metrics
 
 
 def test_sync_completes_a_half_logged_child_and_an_unfinished_sweep_run(mlflow_server):
