@@ -1,5 +1,5 @@
-"""click CLI: run, mods, sync, summary, compare, history, repro, tune (thin: parse -> call
-the API)."""
+"""click CLI: run, mods, sync, summary, compare, history, report, repro, tune (thin: parse ->
+call the API)."""
 
 from __future__ import annotations
 
@@ -382,6 +382,11 @@ def percent(ctx: click.Context, param: click.Parameter, value: str) -> float:
 def reading(f: Callable) -> Callable:
     """--tracking-uri, --experiment and --format of the commands that read the server."""
     f = click.option("--format", "fmt", type=REPORT_FORMAT, default="table", show_default=True)(f)
+    return store(f)
+
+
+def store(f: Callable) -> Callable:
+    """--tracking-uri and --experiment."""
     f = click.option(
         "--experiment",
         default="flexbench",
@@ -398,17 +403,24 @@ def reading(f: Callable) -> Callable:
 WHERE_HELP = "KEY=VALUE[,KEY=VALUE] on params and tags, e.g. score_mod=causal,dtype=bfloat16,"
 
 
+def selecting(f: Callable) -> Callable:
+    """--sweep, --sweep-id and --where: which config runs a command reads."""
+    where_help = WHERE_HELP + "torch=2.11.0; repeatable (AND)"
+    f = click.option("--where", multiple=True, help=where_help)(f)
+    sweep_id_help = "every sweep run (shard) with this sweep id"
+    f = click.option("--sweep-id", default=None, help=sweep_id_help)(f)
+    return click.option(
+        "--sweep",
+        default="latest",
+        show_default=True,
+        metavar="RUN_ID|latest|all",
+        help="a sweep run id, the latest sweep (all its shards), or all sweeps",
+    )(f)
+
+
 @cli.command(epilog=EPILOG_SUMMARY)
 @reading
-@click.option(
-    "--sweep",
-    default="latest",
-    show_default=True,
-    metavar="RUN_ID|latest|all",
-    help="a sweep run id, the latest sweep (all its shards), or all sweeps",
-)
-@click.option("--sweep-id", default=None, help="every sweep run (shard) with this sweep id")
-@click.option("--where", multiple=True, help=WHERE_HELP + "torch=2.11.0; repeatable (AND)")
+@selecting
 def summary(
     tracking_uri: str | None,
     experiment: str,
@@ -462,6 +474,46 @@ def compare(
     if not result.matches:
         click.echo("Error: no config is on both sides; nothing was compared", err=True)
     sys.exit(result.exit_code)
+
+
+EPILOG_REPORT = """\b
+Examples:
+  flexbench report --html report.html               # the latest sweep
+  flexbench report --html causal.html --sweep all --where score_mod=causal,torch=2.11.0
+"""
+
+
+@cli.command("report", epilog=EPILOG_REPORT)
+@click.option(
+    "--html",
+    "path",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True),
+    help="file to write: one self-contained HTML page",
+)
+@store
+@selecting
+def report_command(
+    path: str,
+    tracking_uri: str | None,
+    experiment: str,
+    sweep: str,
+    sweep_id: str | None,
+    where: tuple[str, ...],
+) -> None:
+    """Write a sweep's report as one HTML file: speedup heatmap (mods x shapes), TFLOP/s against
+    the GPU's peak, a history sparkline per config, environment, failed configs.
+
+    Every sweep run also carries it as the artifact report.html.
+    """
+    from pathlib import Path
+
+    from flexbench import history, query
+
+    selection = query.Selection(sweep, sweep_id, where)
+    text = _report(history.page, selection, tracking_uri, experiment)
+    Path(path).write_text(text, encoding="utf-8")
+    click.echo(f"wrote {path} ({len(text) // 1024} KiB)")
 
 
 EPILOG_HISTORY = """\b

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 
 from tabulate import tabulate
 
-from flexbench import query, report
+from flexbench import html_report, query, report
 
 TIMINGS = report.TIMINGS
 ENV_KEYS = ("gpu", "driver", "cuda", "torch", "triton", "regime")  # shown when they change
@@ -520,3 +520,37 @@ def to_csv(h: History) -> str:
                     row = {"config": s.label, "timing": j.timing, "status": j.status}
                     writer.writerow({**row, **_point_data(p, j.timing)})
     return buf.getvalue()
+
+
+# --- trends for report.html ------------------------------------------------------------------
+
+TREND_TIMING = "fwd_compiled_us"
+TREND_SWEEPS = 30  # sweeps read for report.html's sparklines
+
+
+def trends(rows: Sequence[dict], timing: str = TREND_TIMING) -> dict[str, list[float]]:
+    """Per config run name, `timing` over the sweeps in `rows`, oldest first (a name that
+    several identities share keeps the series measured last)."""
+    series = sorted(build(rows, timings=(timing,)), key=lambda s: s.points[-1].start_ms)
+    return {s.label: s.values(timing) for s in series if s.values(timing)}
+
+
+def recent_trends(tracking_uri: str | None, experiment_id: str) -> dict[str, list[float]]:
+    """`trends` over the experiment's last TREND_SWEEPS sweeps; {} when they cannot be read
+    (report.html then has no sparklines: never a reason to fail a sweep)."""
+    try:
+        return trends(query.read_recent(tracking_uri, experiment_id, TREND_SWEEPS))
+    except (query.NotFound, query.tracking.TrackingError):
+        return {}
+
+
+def page(
+    sel: query.Selection, tracking_uri: str | None = None, experiment: str = "flexbench"
+) -> str:
+    """`flexbench report --html`: report.html of a selection (summary's), with sparklines of
+    the experiment's recent sweeps. ValueError, query.NotFound, TrackingError as `summary`."""
+    rows, label = query.read(sel, tracking_uri, experiment)
+    with query.reader(tracking_uri) as r:
+        exp_id = r.experiment(experiment)
+    recent = recent_trends(tracking_uri, exp_id) if exp_id else {}
+    return html_report.render(rows, f"flexbench report: {label}", recent)

@@ -1,4 +1,4 @@
-"""Tables, aggregates and plots from results (records or MLflow runs): the seed's tables.
+"""Tables and aggregates from results (records or MLflow runs): the seed's tables.
 
 A *row* is one config as a flat dict of strings/floats: its params, metrics, `run_name`,
 `status` and `error`. Rows come from journal records (`row_from_record`) or from MLflow runs
@@ -26,8 +26,6 @@ from flexbench.flops import geomean
 
 KINDS = ("fwd", "bwd")
 IDENTITY = ("shape", "kv_heads", "kv_len", "score_mod", "dtype")
-FIGURE_MAX_IN = 40.0  # a 10,000-config sweep must not ask matplotlib for a 4,500-inch figure
-FIGURE_MAX_LABELS = 80  # beyond this, config names on the x axis are unreadable
 # Shown in the table only when they differ between rows (e.g. `--sweep all` over two stacks).
 VARYING = (
     "baseline",
@@ -235,37 +233,6 @@ def to_csv(rows: Sequence[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def speedup_figure(rows: Sequence[dict]):
-    """Bar chart of speedup per config (fwd, and bwd where measured); None with no data."""
-    good = ok_rows(rows)
-    if not good:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r.get("run_name", "") for r in good]
-    inches = min(FIGURE_MAX_IN, max(6.0, 0.45 * len(good) + 2))
-    fig, ax = plt.subplots(figsize=(inches, 4.5))
-    kinds = [k for k in KINDS if any(f"{k}_speedup" in r for r in good)]
-    width = 0.8 / len(kinds)
-    for i, kind in enumerate(kinds):
-        values = [float(r.get(f"{kind}_speedup", math.nan)) for r in good]
-        ax.bar([x + i * width for x in range(len(good))], values, width, label=kind)
-    ax.axhline(1.0, color="gray", linewidth=1, linestyle="--")
-    if len(good) <= FIGURE_MAX_LABELS:
-        ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(good))])
-        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-    else:
-        ax.set_xlabel(f"{len(good)} configs in sweep order (names in summary.md)")
-    ax.set_ylabel("speedup (SDPA time / flex time)")
-    ax.set_title("FlexAttention speedup over SDPA computing the same function")
-    ax.legend()
-    fig.tight_layout()
-    return fig
 
 
 def close(figure) -> None:

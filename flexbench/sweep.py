@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flexbench import env, measure, patience, report, repro, tracking
+from flexbench import env, history, measure, patience, report, repro, tracking
 from flexbench.config import BenchConfig, expand_sweep, shard
 
 
@@ -146,7 +146,7 @@ def run_sweep(
             on_result(entry)
 
     measure.run_sweep(configs, log_result, progress=progress)
-    tracker.finish(out.records)
+    tracker.finish(out.records, trends=lambda: history.recent_trends(tracker.uri, tracker.exp_id))
     warn_offline(tracker, out, warn)
     out.run_id, out.tracking_s = tracker.run_id, tracker.tracking_s
     out.experiment_id = tracker.exp_id

@@ -15,12 +15,12 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexbench import patience, report
+from flexbench import html_report, patience, report
 
 SWEEP_ID_TAG = "flexbench.sweep_id"
 CONFIG_KEY_TAG = "flexbench.config_key"
@@ -326,9 +326,11 @@ def finish_sweep_run(
     terminate: bool,
     end_ms: int | None = None,
     failed: bool | None = None,
+    trends: Callable[[], dict[str, list[float]]] | None = None,
 ) -> None:
-    """Aggregates, summary artifacts and description on the sweep run; it ends FAILED when
-    `failed` (default: when a config failed)."""
+    """Aggregates, summary artifacts (summary.md, results.csv, heatmap.png, report.html with
+    `trends()`' sparklines) and description on the sweep run; it ends FAILED when `failed`
+    (default: when a config failed)."""
     rows = [report.row_from_record(r) for r in results]
     metrics = report.sweep_metrics(rows)
     markdown = report.summary_markdown(rows)
@@ -337,10 +339,13 @@ def finish_sweep_run(
     client.log_batch(run_id, metrics=m, tags=t)
     client.log_text(run_id, markdown, "summary.md")
     client.log_text(run_id, report.to_csv(rows), "results.csv")
-    figure = report.speedup_figure(rows)
+    figure = html_report.heatmap_figure(rows)
     if figure is not None:
-        client.log_figure(run_id, figure, "speedup.png")
+        client.log_figure(run_id, figure, "heatmap.png")
         report.close(figure)
+    with_env = [{**r.get("tags", {}), **row} for r, row in zip(results, rows)]
+    title = f"flexbench sweep {results[0]['sweep_id']}" if results else "flexbench sweep"
+    client.log_text(run_id, html_report.render(with_env, title, trends and trends()), "report.html")
     if terminate:
         failed = metrics.get("configs_failed", 0) > 0 if failed is None else failed
         client.set_terminated(run_id, "FAILED" if failed else "FINISHED", end_time=end_ms)
@@ -478,12 +483,20 @@ class Tracker:
         its result, or None once offline."""
         return self._call(fn, *args)
 
-    def finish(self, entries: list[dict], failed: bool | None = None) -> None:
+    def finish(
+        self,
+        entries: list[dict],
+        failed: bool | None = None,
+        trends: Callable[[], dict[str, list[float]]] | None = None,
+    ) -> None:
         """Aggregates and artifacts on the sweep run (not ended under `mlflow run`); FAILED
-        when `failed` (default: when a config failed)."""
+        when `failed` (default: when a config failed); `trends()`, called once every child
+        run is logged, gives report.html's sparklines."""
         self.drain()
         terminate = not self.under_mlflow_run
-        self._call(finish_sweep_run, self.client, self.run_id, entries, terminate, None, failed)
+        self._call(
+            finish_sweep_run, self.client, self.run_id, entries, terminate, None, failed, trends
+        )
         if not self.offline:
             self.journal.mark_finished(self._sweep["part_id"], target_id(self.uri), self.run_id)
 

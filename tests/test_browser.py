@@ -9,6 +9,8 @@ temp dir.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,24 @@ def ui_sweep(mlflow_server, tmp_path_factory):
     )
     assert out.offline is None and out.failed == 0
     return out
+
+
+@contextmanager
+def ui_page(viewport: dict, shot: Path) -> Iterator:
+    """A page of headless Debian Chromium; a screenshot at the end, also when the test failed
+    (it shows what the UI showed)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=viewport)
+        page.set_default_timeout(30_000)
+        try:
+            yield page
+        finally:
+            page.screenshot(path=str(shot))
+            browser.close()
+    assert shot.stat().st_size > 10_000
 
 
 def tree_checkbox(page, title: str):
@@ -85,34 +105,44 @@ def widen_run_names(page) -> None:
 
 def test_child_runs_and_speedup_visible_in_mlflow_ui(mlflow_server, ui_sweep, tmp_path):
     from mlflow.tracking import MlflowClient
-    from playwright.sync_api import sync_playwright
 
     exp_id = MlflowClient(mlflow_server.uri).get_experiment_by_name(EXPERIMENT).experiment_id
     names = [r["run_name"] for r in ui_sweep.records]
     # The table prints the full float (JS and Python print the same shortest repr): a prefix.
     speedups = [str(r["metrics"]["fwd_speedup"])[:6] for r in ui_sweep.records]
-    shot = tmp_path / "mlflow-runs.png"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1920, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs")
-            parent = page.get_by_role("row").filter(has_text="ui sweep")
-            parent.wait_for(timeout=UI_TIMEOUT_MS)
-            assistant = page.get_by_role("button", name="Close")
-            if assistant.count():
-                assistant.first.click()
-            parent.locator('[data-component-id*="runnamecellrenderer"]').first.click()
-            for name in names:
-                page.get_by_text(name, exact=True).wait_for()
-            choose_columns(page, "fwd_speedup", NOISE_COLUMNS)
-            page.locator(f'[role="columnheader"][col-id="{SPEEDUP_COL}"]').wait_for()
-            widen_run_names(page)
-            for name, speedup in zip(names, speedups):
-                assert page.get_by_text(name, exact=True).is_visible()
-                assert cell(page, name, SPEEDUP_COL).startswith(speedup)
-        finally:
-            page.screenshot(path=str(shot))  # also when it failed: shows what the UI showed
-            browser.close()
-    assert shot.stat().st_size > 10_000
+    with ui_page({"width": 1920, "height": 900}, tmp_path / "mlflow-runs.png") as page:
+        page.goto(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs")
+        parent = page.get_by_role("row").filter(has_text="ui sweep")
+        parent.wait_for(timeout=UI_TIMEOUT_MS)
+        assistant = page.get_by_role("button", name="Close")
+        if assistant.count():
+            assistant.first.click()
+        parent.locator('[data-component-id*="runnamecellrenderer"]').first.click()
+        for name in names:
+            page.get_by_text(name, exact=True).wait_for()
+        choose_columns(page, "fwd_speedup", NOISE_COLUMNS)
+        page.locator(f'[role="columnheader"][col-id="{SPEEDUP_COL}"]').wait_for()
+        widen_run_names(page)
+        for name, speedup in zip(names, speedups):
+            assert page.get_by_text(name, exact=True).is_visible()
+            assert cell(page, name, SPEEDUP_COL).startswith(speedup)
+
+
+def test_report_html_opens_from_the_artifact_view(mlflow_server, ui_sweep, tmp_path):
+    """The sweep run's report.html, opened in the run's Artifacts tab, shows its heatmap."""
+    from mlflow.tracking import MlflowClient
+
+    exp_id = MlflowClient(mlflow_server.uri).get_experiment_by_name(EXPERIMENT).experiment_id
+    shot = tmp_path / "mlflow-report-html.png"
+    with ui_page({"width": 1600, "height": 1200}, shot) as page:
+        page.goto(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{ui_sweep.run_id}/artifacts")
+        entry = page.get_by_text("report.html", exact=True)
+        entry.wait_for(timeout=UI_TIMEOUT_MS)
+        entry.click()
+        report = page.frame_locator("iframe").first
+        heatmap = report.locator("img#heatmap")
+        heatmap.wait_for()
+        assert heatmap.evaluate("img => img.complete && img.naturalWidth > 300")
+        assert report.get_by_text("Speedup of compiled flex over SDPA").is_visible()
+        for record in ui_sweep.records:
+            assert report.get_by_text(record["run_name"], exact=True).count() == 1

@@ -212,3 +212,16 @@ def test_history_selection_narrows_and_strict_env_breaks_the_series(store, capsy
 def test_history_bad_input_is_one_line_exit_2(store, capsys, args, named):
     code, _, err = flexbench(capsys, f"history --tracking-uri {store} {args}")
     assert code == 2 and named in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_html_of_a_sweep_has_heatmap_and_history_sparklines(store, capsys, tmp_path):
+    path = tmp_path / "report.html"
+    code, out, err = flexbench(
+        capsys,
+        f"report --html {path} --tracking-uri {store} --experiment history --sweep-id nightly-8",
+    )
+    assert code == 0, err
+    page = path.read_text()
+    assert 'id="heatmap"' in page and "sweep id nightly-8" in page
+    assert "<title>8 sweeps" in page  # causal's flex time over all 8 sweeps as a sparkline
+    assert "alibi" not in page  # measured on the other GPU, in another sweep

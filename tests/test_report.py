@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from flexbench import cli, query, report, repro, sweep, tracking
+from flexbench import cli, history, query, report, repro, sweep, tracking
 from flexbench.config import BenchConfig, expand_sweep
 from tests.servers import free_port
 
@@ -245,15 +245,6 @@ def test_table_headers_name_the_sides_and_errors_are_scientific():
     assert "fwd_baseline_us" in mixed.splitlines()[0] and "eager_math" in mixed
 
 
-def test_figure_of_a_huge_sweep_stays_a_sane_size():
-    rows = [{"run_name": f"c{i}", "fwd_speedup": 1.0, "status": "FINISHED"} for i in range(200)]
-    figure = report.speedup_figure(rows)
-    try:
-        assert figure.get_size_inches()[0] <= report.FIGURE_MAX_IN
-    finally:
-        report.close(figure)
-
-
 # --- summary ---------------------------------------------------------------------------------
 
 
@@ -468,6 +459,17 @@ def test_database_reader_matches_the_server(mlflow_server, two_sweeps):
         via_database = query.read(sel, mlflow_server.backend_uri, "summary")
         assert via_database == via_server
         assert via_server[0]
+    exp_id = query.read(selections[0], mlflow_server.uri, "summary")[0][0]["run_id"]
+    exp_id = tracking.client_for(mlflow_server.uri).get_run(exp_id).info.experiment_id
+    recent = [
+        query.read_recent(uri, exp_id, 2) for uri in (mlflow_server.uri, mlflow_server.backend_uri)
+    ]
+    assert recent[0] == recent[1] and {r["sweep_run_id"] for r in recent[0]} >= {
+        two_sweeps["real"],
+        two_sweeps["old"],
+    }
+    trends = history.trends(recent[0])  # noop and causal, measured in both sweeps
+    assert len(trends) == 2 and all(len(t) == 2 for t in trends.values())
 
 
 # --- repro -----------------------------------------------------------------------------------

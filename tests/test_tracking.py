@@ -70,7 +70,7 @@ SWEEP_METRICS = (
     "configs_failed",
 )
 LEAN_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: starts faster
-SWEEP_ARTIFACTS = {"summary.md", "results.csv", "speedup.png"}
+SWEEP_ARTIFACTS = {"summary.md", "results.csv", "heatmap.png", "report.html"}
 
 
 def tiny(*mods: str) -> list[BenchConfig]:
@@ -213,8 +213,10 @@ def test_sweep_run_metrics_params_artifacts_description(logged, tmp_path):
     assert "causal" in summary.read_text() and FAILING_MOD in summary.read_text()
     csv = Path(client.download_artifacts(out.run_id, "results.csv", str(tmp_path)))
     assert len(csv.read_text().strip().splitlines()) == 1 + 3
-    png = Path(client.download_artifacts(out.run_id, "speedup.png", str(tmp_path)))
+    png = Path(client.download_artifacts(out.run_id, "heatmap.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = Path(client.download_artifacts(out.run_id, "report.html", str(tmp_path))).read_text()
+    assert 'id="heatmap"' in page and FAILING_MOD in page and run.data.tags["torch"] in page
 
 
 def test_resume_skips_finished_configs(logged, mlflow_server):
