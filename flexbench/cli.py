@@ -16,6 +16,7 @@ Examples:
   flexbench run -nh 32 --kv-heads 8 -s 2048 --kv-len 8192 -mods causal
   flexbench run --gpus all                          # one worker process per local GPU
   flexbench run --shard 0/2 --sweep-id nightly-42   # then --shard 1/2 on another host
+  flexbench run --config shapes.yaml --calculate-bwd  # an explicit list of production shapes
 """
 
 QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
@@ -269,10 +270,21 @@ def _default_device(device: str) -> str:
     default=None,
     help="one worker process per local GPU (0,1 or all), each on its slice of the sweep",
 )
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="YAML or JSON list of configs (batch, heads, q_len, head_dim, mod; kv_heads, kv_len, "
+    "dtype optional) instead of the cross product of -b -nh -s -d -mods -dtype",
+)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def run(**opts: object) -> None:
     """Sweep shapes x mods x dtypes: time compiled flex vs SDPA, check, log to MLflow."""
     from flexbench import sweep as api
+
+    if opts["config_file"]:
+        _no_shape_options(click.get_current_context())
 
     gpu_auto = opts["gpus"] and opts["device"] == "auto"  # workers are CUDA: no CPU fallback
     opts["device"] = "cuda" if gpu_auto else _default_device(str(opts["device"]))
@@ -284,6 +296,32 @@ def run(**opts: object) -> None:
     if hint:
         click.echo(hint, err=True)
     sys.exit(outcome.exit_code)
+
+
+SHAPE_OPTIONS = {  # run's parameters that --config replaces -> their flag
+    "batch": "-b",
+    "heads": "-nh",
+    "seq_lens": "-s",
+    "head_dims": "-d",
+    "score_mods": "-mods",
+    "dtypes": "-dtype",
+    "kv_heads": "--kv-heads",
+    "kv_lens": "--kv-len",
+    "decode": "--decode",
+}
+
+
+def _no_shape_options(ctx: click.Context) -> None:
+    """--config gives every config's sizes, mod and dtype: a shape option as well is an error."""
+    given = [
+        flag
+        for name, flag in SHAPE_OPTIONS.items()
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise click.UsageError(
+            f"--config lists the configs: drop {given[0]} (or put it in the file's entries)"
+        )
 
 
 def _call_api(fn: Callable, opts: dict) -> object:

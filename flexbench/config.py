@@ -7,6 +7,7 @@ import itertools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from flexbench import mods
 
@@ -210,3 +211,72 @@ def with_options(config: BenchConfig, **changes: object) -> BenchConfig:
     if "timer" not in changes and config.timer == auto_timer(config.device):
         changes["timer"] = "auto"
     return replace(config, **changes)
+
+
+# --- --config FILE: an explicit list of configs ----------------------------------------------
+
+FILE_REQUIRED = ("batch", "heads", "q_len", "head_dim", "mod")
+FILE_OPTIONAL = ("kv_heads", "kv_len", "dtype")
+FILE_EXAMPLE = "e.g. - {batch: 8, heads: 32, kv_heads: 8, q_len: 4096, head_dim: 128, mod: causal}"
+
+
+def read_config_file(path: str | Path) -> tuple[list, str]:
+    """The entries of a YAML or JSON config file (a list, or a mapping with `configs: [...]`)
+    and the sha256 of its bytes (16 hex digits). ValueError naming the file and the fix."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    try:
+        data = _parse(path, raw)
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--config {path}: not valid YAML/JSON ({first})") from None
+    entries = data.get("configs") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--config {path}: expected a non-empty list of configs ({FILE_EXAMPLE})")
+    return entries, hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _parse(path: Path, raw: bytes) -> object:
+    """JSON for a .json file, else YAML (a superset of JSON); ValueError when malformed."""
+    if path.suffix.lower() == ".json":
+        return json.loads(raw)
+    import yaml
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ValueError(" ".join(str(exc).split())) from None
+
+
+def config_of_entry(entry: object, where: str, **common: object) -> BenchConfig:
+    """One file entry as a BenchConfig (`mod` or `score_mod`); ValueError naming `where`."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping like {{batch: 8, ...}}, got {entry!r}")
+    fields_ = {("mod" if k == "score_mod" else k): v for k, v in entry.items()}
+    missing = [k for k in FILE_REQUIRED if k not in fields_]
+    unknown = sorted(set(fields_) - set(FILE_REQUIRED) - set(FILE_OPTIONAL))
+    if missing or unknown:
+        what = f"missing {', '.join(missing)}" if missing else f"unknown key {unknown[0]}"
+        raise ValueError(
+            f"{where}: {what}; keys are {', '.join(FILE_REQUIRED + FILE_OPTIONAL)} "
+            "(kv_heads, kv_len, dtype optional)"
+        )
+    fields_["score_mod"] = fields_.pop("mod")
+    try:
+        return BenchConfig(**fields_, **common)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def configs_from_file(path: str | Path, **common: object) -> tuple[list[BenchConfig], str]:
+    """Every entry of a --config file as a config (with the sweep's `common` options), in
+    file order, and the file's hash. ValueError names the file and the entry (from 1)."""
+    entries, sha = read_config_file(path)
+    configs = [
+        config_of_entry(e, f"--config {path}: entry {i}", **common)
+        for i, e in enumerate(entries, start=1)
+    ]
+    return configs, sha

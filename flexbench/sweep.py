@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flexbench import env, history, measure, patience, report, repro, tracking
-from flexbench.config import BenchConfig, expand_sweep, shard
+from flexbench.config import BenchConfig, configs_from_file, expand_sweep, shard
 
 
 @dataclass
@@ -251,24 +251,17 @@ def run(
     warn: Callable[[str], None] | None = None,
     shard: tuple[int, int] | None = None,
     gpus: Sequence[int] | str | None = None,
+    config_file: str | None = None,
 ) -> Outcome:
-    """`flexbench run`: expand the sweep (ValueError on bad input), check the device
-    (RuntimeError), then measure and track it: all of it, its `shard` (I, N) slice, or that
-    slice spread over local `gpus` (ids or "all"), one worker process per GPU."""
+    """`flexbench run`: expand the sweep, or read the configs of `config_file` (ValueError on
+    bad input), check the device (RuntimeError), then measure and track it: all of it, its
+    `shard` (I, N) slice, or that slice spread over local `gpus` (ids or "all"), one worker
+    process per GPU."""
     gpu_ids = visible_gpus(gpus) if gpus else []
     if gpu_ids and device != "cuda":
         raise ValueError("--gpus runs one CUDA worker per GPU; drop --device cpu")
     measure.check_runtime(device, calculate_bwd)
-    configs, args = configs_from_args(
-        batch,
-        heads,
-        seq_lens,
-        head_dims,
-        score_mods,
-        dtypes,
-        kv_heads,
-        kv_lens,
-        decode,
+    common = dict(
         calculate_bwd=calculate_bwd,
         dynamic=dynamic,
         max_autotune=max_autotune,
@@ -276,6 +269,22 @@ def run(
         device=device,
         timer=timer,
     )
+    if config_file:
+        configs, sha = configs_from_file(config_file, **common)
+        args = {"config_file": config_file, "config_sha": sha, **common, "configs": len(configs)}
+    else:
+        configs, args = configs_from_args(
+            batch,
+            heads,
+            seq_lens,
+            head_dims,
+            score_mods,
+            dtypes,
+            kv_heads,
+            kv_lens,
+            decode,
+            **common,
+        )
     params = sweep_params(**args)
     track = {
         "experiment": experiment,

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from flexbench.config import BenchConfig, expand_sweep, shard, with_options
+from flexbench.config import BenchConfig, configs_from_file, expand_sweep, shard, with_options
+from tests.test_cli import run_main
 
 SMALL = dict(batch=2, heads=4, q_len=128, head_dim=16, dtype="float32", device="cpu")
 
@@ -215,3 +216,92 @@ def test_cudagraph_fwd_times_only_the_forward_in_a_graph():
         "cudagraph", "cudagraph", "do_bench", "cpu"]
     assert [timer_for(t, "bwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
         "do_bench", "cudagraph_stream", "do_bench", "cpu"]
+
+
+# --- --config FILE ---------------------------------------------------------------------------
+
+SHAPES_YAML = """\
+# production shapes: not a cross product
+- {batch: 1, heads: 2, q_len: 128, head_dim: 16, mod: noop, dtype: float32}
+- {batch: 4, heads: 32, kv_heads: 8, q_len: 1, kv_len: 8192, head_dim: 128, mod: causal}
+"""
+
+
+def test_config_file_lists_configs_in_order_with_the_common_options(tmp_path):
+    path = tmp_path / "shapes.yaml"
+    path.write_text(SHAPES_YAML)
+    configs, sha = configs_from_file(path, device="cpu")
+    assert [c.run_name() for c in configs] == [
+        "noop b1 h2 s128 d16 fp32",
+        "causal b4 h32 kvh8 s1 kv8192 d128 bf16",  # dtype defaults to bfloat16
+    ]
+    assert all(c.device == "cpu" and c.timer == "cpu" for c in configs)
+    assert len(sha) == 16
+    as_json = tmp_path / "shapes.json"
+    as_json.write_text(
+        '{"configs": [{"batch": 1, "heads": 2, "q_len": 128, "head_dim": 16, '
+        '"score_mod": "noop", "dtype": "float32"}]}'
+    )
+    assert configs_from_file(as_json, device="cpu")[0] == configs[:1]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "- {batch: 1, heads: 2, q_len: 128, head_dim: 16, mod: noop}\n- {batch: 1, heads: 2}",
+            "entry 2: missing q_len, head_dim, mod",
+        ),
+        (
+            "- {batch: 1, heads: 2, q_len: 128, head_dim: 16, mod: noop, colour: red}",
+            "entry 1: unknown key colour",
+        ),
+        (
+            "- {batch: 0, heads: 2, q_len: 128, head_dim: 16, mod: noop}",
+            "entry 1: batch must be a whole number > 0",
+        ),
+        ("- {batch: 1, heads: 2, q_len: 128, head_dim: 16, mod: nope}", "entry 1: score_mod"),
+        ("- [1, 2]", "entry 1: expected a mapping"),
+        ("{}", "expected a non-empty list of configs"),
+        ("- {batch: 1\n  heads", "not valid YAML/JSON"),
+    ],
+)
+def test_malformed_config_file_is_one_line_exit_2_naming_the_entry(tmp_path, capsys, text, message):
+    path = tmp_path / "shapes.yaml"
+    path.write_text(text)
+    code, err = run_main(["run", "--device", "cpu", "--config", str(path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert str(path) in err
+
+
+def test_run_with_config_file_logs_its_hash_as_a_sweep_param(tmp_path, capsys):
+    """The file's one config already measured here: --resume skips it, so nothing compiles."""
+    from mlflow import MlflowClient
+
+    from flexbench import env
+    from tests.test_report import log_sweep
+
+    path = tmp_path / "shapes.yaml"
+    path.write_text(SHAPES_YAML.splitlines()[1] + "\n")
+    (config,), sha = configs_from_file(path, device="cpu")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = {
+        "config_key": config.config_key(),
+        "run_name": config.run_name(),
+        "params": config.params(),
+        "metrics": {},
+        "status": "FINISHED",
+        "error": None,
+    }
+    log_sweep(uri, "flexbench", [done], env.capture("cpu"), "measured before")
+    args = ["run", "--device", "cpu", "--config", str(path), "--tracking-uri", uri, "--resume"]
+    code, err = run_main([*args, "-b", "2"], capsys)
+    assert code == 2 and "--config lists the configs: drop -b" in err
+    code, err = run_main(args, capsys)
+    assert code == 0 and "resume: skipped 1 of 1 configs" in err, err
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("flexbench").experiment_id],
+        "tags.`flexbench.kind` = 'sweep' and params.config_sha = '" + sha + "'",
+    )
+    assert run.data.params["config_file"] == str(path) and run.data.params["configs"] == "1"
