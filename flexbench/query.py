@@ -250,8 +250,13 @@ class MlflowReader:
         return self.client.get_run(run_id).data.tags.get(key)
 
     def rows(
-        self, experiment_ids: list[str], clauses: Sequence[Clause], since_ms: int | None = None
+        self,
+        experiment_ids: list[str],
+        clauses: Sequence[Clause],
+        since_ms: int | None = None,
+        metrics: Sequence[str] | None = None,
     ) -> list[dict]:
+        """Every metric whatever `metrics` says (search_runs returns them all anyway)."""
         flt = " and ".join(c.filter() for c in clauses)
         flt += f" and attributes.start_time >= {int(since_ms)}" if since_ms is not None else ""
         with no_gc():
@@ -329,22 +334,32 @@ class SqlReader:
         return row[0] if row else None
 
     def rows(
-        self, experiment_ids: list[str], clauses: Sequence[Clause], since_ms: int | None = None
+        self,
+        experiment_ids: list[str],
+        clauses: Sequence[Clause],
+        since_ms: int | None = None,
+        metrics: Sequence[str] | None = None,
     ) -> list[dict]:
-        """Four queries (runs, tags, params, latest metrics) over the matching run ids."""
+        """Four queries (runs, tags, params, latest metrics) over the matching run ids; only
+        the metrics whose names match one of the SQL LIKE patterns `metrics`, if given."""
         sub, params = matching(experiment_ids, clauses, since_ms)
         where = f"WHERE run_uuid IN ({sub})"
+        if metrics:
+            params = {**params, **{f"m{i}": m for i, m in enumerate(metrics)}}
+            only = " OR ".join(f"key LIKE :m{i}" for i in range(len(metrics)))
         with self.engine.connect() as conn, no_gc():
 
-            def select(columns: str, table: str) -> list:
-                return self._all(conn, f"SELECT run_uuid, {columns} FROM {table} {where}", params)
+            def select(columns: str, table: str, extra: str = "") -> list:
+                sql = f"SELECT run_uuid, {columns} FROM {table} {where}{extra}"
+                return self._all(conn, sql, params)
 
             runs = select("name, status, start_time", "runs")
             parts = {run[0]: ({}, {}, {}) for run in runs}  # tags, params, metrics
             for i, table in enumerate(("tags", "params")):
                 for run_id, key, value in select("key, value", table):
                     parts[run_id][i][key] = value
-            for run_id, key, value, is_nan in select("key, value, is_nan", "latest_metrics"):
+            extra = f" AND ({only})" if metrics else ""
+            for run_id, key, value, is_nan in select("key, value, is_nan", "latest_metrics", extra):
                 parts[run_id][2][key] = math.nan if is_nan else value
             return [row_from_run(_sql_info(run), *parts[run[0]]) for run in runs]
 
@@ -471,9 +486,13 @@ def scope(r: MlflowReader | SqlReader, experiment: str, sel: Selection) -> Scope
 
 
 def read(
-    sel: Selection, tracking_uri: str | None = None, experiment: str = "flexbench"
+    sel: Selection,
+    tracking_uri: str | None = None,
+    experiment: str = "flexbench",
+    metrics: Sequence[str] | None = None,
 ) -> tuple[list[dict], str]:
-    """The selection's config runs as rows (in the order they ran) and a label.
+    """The selection's config runs as rows (in the order they ran) and a label; `metrics`
+    (SQL LIKE patterns) may leave out metrics the caller does not need.
 
     ValueError for a bad selection; NotFound when nothing matches; tracking.TrackingError when
     the store fails.
@@ -481,14 +500,20 @@ def read(
     where = sel.clauses()
     with reader(tracking_uri) as r:
         s = scope(r, experiment, sel)
-        rows = r.rows(s.experiment_ids, [tag_is(tracking.KIND_TAG, "config"), *s.clauses, *where])
+        clauses = [tag_is(tracking.KIND_TAG, "config"), *s.clauses, *where]
+        rows = r.rows(s.experiment_ids, clauses, None, metrics)
     narrowed = f" where {', '.join(sel.where)}" if sel.where else ""
     if not rows:
         raise NotFound(f"no config runs in {s.label}{narrowed}: relax --where or --sweep")
     return sorted(rows, key=lambda row: (row["start_time"], row["run_name"])), s.label + narrowed
 
 
-def read_recent(tracking_uri: str | None, experiment_id: str, sweeps: int) -> list[dict]:
+def read_recent(
+    tracking_uri: str | None,
+    experiment_id: str,
+    sweeps: int,
+    metrics: Sequence[str] | None = None,
+) -> list[dict]:
     """Config runs started since the experiment's `sweeps`-th latest sweep run began, in the
     order they ran; [] without sweep runs. One read, cheap on a big experiment behind a server
     where reading every run is not."""
@@ -497,5 +522,5 @@ def read_recent(tracking_uri: str | None, experiment_id: str, sweeps: int) -> li
         if not latest:
             return []
         since = min(start for _, start in latest)
-        rows = r.rows([experiment_id], [tag_is(tracking.KIND_TAG, "config")], since)
+        rows = r.rows([experiment_id], [tag_is(tracking.KIND_TAG, "config")], since, metrics)
     return sorted(rows, key=lambda row: (row["start_time"], row["run_name"]))
