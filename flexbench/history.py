@@ -40,6 +40,7 @@ FLAG_SUFFIXES = ("_throttled", "_unconverged")
 Z80 = 0.8416212335729143  # standard normal quantile at 0.8: p20-p80 = +/- Z80 sigma
 STATUSES = ("regressed", "improved", "stable", "insufficient history", "not comparable")
 SPARK = "▁▂▃▄▅▆▇█"
+SPARK_POINTS = 30  # the table's trend column: the last 30 sweeps
 # The metrics history reads (SQL LIKE patterns): timings, their spread, the series flags.
 METRICS = (
     *TIMINGS,
@@ -438,7 +439,7 @@ def summary_row(s: Series) -> dict:
         "baseline_us": _us(j.baseline_us) if j else "",
         "change": f"{step.change:+.1%}" if step else "",
         "z": f"{step.z:+.1f}" if step and math.isfinite(step.z) else ("inf" if step else ""),
-        "trend": sparkline(s.values(t)) if t else "",
+        "trend": sparkline(s.values(t)[-SPARK_POINTS:]) if t else "",
         "status": s.status,
         "since": f"{j.since.when} ({j.since.sweep_id})" if j and j.since else "",
         "note": j.note if j else "",
@@ -457,7 +458,25 @@ def render(h: History, fmt: str = "table") -> str:
     bold = "**" if fmt == "markdown" else ""
     body = [summary_row(s) for s in h.series]
     table = tabulate(body, headers="keys", tablefmt="github")
-    return f"{bold}flexbench history{bold} of {h.source}\n{h.headline()}\n\n{table}\n"
+    out = f"{bold}flexbench history{bold} of {h.source}\n{h.headline()}\n\n{table}\n"
+    changes = env_changes(h.series)
+    if changes:
+        out += f"\n{bold}Environment changes{bold}\n\n" + "\n".join(f"- {c}" for c in changes)
+        out += "\n"
+    return out
+
+
+def env_changes(series: Sequence[Series]) -> list[str]:
+    """Each environment change once, at the first sweep that shows it, with how many configs
+    it reached: `2026-06-03 20:26 nightly-6: torch 2.10.0 -> 2.11.0 (3 configs)`."""
+    seen: dict[str, tuple[Point, int]] = {}
+    for s in series:
+        for p in s.points:
+            if p.env_change:
+                first, count = seen.get(p.env_change, (p, 0))
+                seen[p.env_change] = (min(first, p, key=lambda x: x.start_ms), count + 1)
+    ordered = sorted(seen.items(), key=lambda item: item[1][0].start_ms)
+    return [f"{p.when} {p.sweep_id}: {change} ({n} configs)" for change, (p, n) in ordered]
 
 
 def _point_data(p: Point, timing: str) -> dict:

@@ -28,10 +28,12 @@ FLAGS = {
 
 def option(name: str, value: object) -> list[str]:
     """One field as command-line words: a true boolean is a bare flag, a false one and an
-    empty string are left out (the defaults)."""
+    empty value are left out (the defaults), a list is comma-joined."""
     flag = FLAGS.get(name, "--" + name.replace("_", "-"))
     if isinstance(value, bool):
         return [flag] if value else []
+    if isinstance(value, (list, tuple)):  # e.g. several baselines: a comma list, as typed
+        value = ",".join(str(v) for v in value)
     return [] if value in ("", None) else [flag, str(value)]
 
 

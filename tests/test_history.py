@@ -225,3 +225,35 @@ def test_report_html_of_a_sweep_has_heatmap_and_history_sparklines(store, capsys
     assert 'id="heatmap"' in page and "sweep id nightly-8" in page
     assert "<title>8 sweeps" in page  # causal's flex time over all 8 sweeps as a sparkline
     assert "alibi" not in page  # measured on the other GPU, in another sweep
+
+
+def flagged_rows(newest: dict) -> list[dict]:
+    """Five sweeps of one config at 100 µs; the newest with `newest` merged in."""
+    base = {"status": "FINISHED", "run_name": "noop", "shape": "1,2,128,16", "gpu": "H200"}
+    rows = [
+        {**base, "fwd_compiled_us": 100.0, "start_time": i, "flexbench.sweep_id": f"s{i}"}
+        for i in range(5)
+    ]
+    rows[-1] |= newest
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("newest", "note"),
+    [
+        ({"fwd_compiled_us": 200.0, "fwd_compiled_throttled": 1.0}, "fwd_compiled_throttled"),
+        ({"fwd_compiled_us": 200.0, "fwd_compiled_unconverged": 1.0}, "unconverged"),
+        ({"fwd_compiled_us": 200.0, "regime": "burst"}, "regime - -> burst"),
+    ],
+)
+def test_throttled_unconverged_or_other_regime_is_not_comparable(newest, note):
+    (series,) = history.build(flagged_rows(newest))
+    assert series.status == "not comparable" and note in series.deciding.note
+    (plain,) = history.build(flagged_rows({"fwd_compiled_us": 200.0}))
+    assert plain.status == "regressed"  # the same doubling, comparable: a regression
+
+
+def test_environment_changes_listed_once_with_their_reach(store, capsys):
+    _, out, _ = flexbench(capsys, f"history --tracking-uri {store} --experiment history")
+    changes = out.split("Environment changes")[1]
+    assert "nightly-6: torch 2.10.0 -> 2.11.0 (3 configs)" in changes  # noop, causal, alibi
