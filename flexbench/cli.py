@@ -230,6 +230,42 @@ def _default_device(device: str) -> str:
     help="auto: cudagraph on CUDA (forward and backward replayed from CUDA graphs: kernel "
     "time, without host overhead), cpu on CPU; cudagraph_fwd graphs the forward only",
 )
+@click.option(
+    "--regime",
+    type=click.Choice(["auto", "burst", "sustained"]),
+    default="auto",
+    show_default=True,
+    help="CUDA: burst = short samples with idle gaps, throttled samples retaken (kernel "
+    "efficiency; auto); sustained = back-to-back load (the clock a long job holds)",
+)
+@click.option(
+    "--max-noise",
+    default=None,
+    callback=lambda ctx, p, v: None if v is None else percent(ctx, p, v),
+    help="sample each timing until its IQR/median is at most this percent "
+    "[default: 0.5 on CUDA, 2 on CPU]",
+)
+@click.option(
+    "--min-samples",
+    type=click.IntRange(min=3),
+    default=10,
+    show_default=True,
+    help="samples per timing at least",
+)
+@click.option(
+    "--max-time",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="seconds per config's fwd (or bwd) timing before it is logged unconverged "
+    "[default: 3 on CUDA, 0.5 on CPU]",
+)
+@click.option(
+    "--throttle-threshold",
+    default="90",
+    show_default=True,
+    callback=lambda ctx, p, v: percent(ctx, p, v),
+    help="percent of the GPU's max SM clock under which a timing counts as throttled",
+)
 @click.option("--experiment", default="flexbench", show_default=True, help="MLflow experiment")
 @click.option(
     "--tracking-uri",
@@ -488,6 +524,11 @@ def summary(
     callback=percent,
     help="percent change that counts, when also beyond both runs' p20-p80 spread",
 )
+@click.option(
+    "--ignore-clocks",
+    is_flag=True,
+    help="judge pairs measured in different regimes, throttled or unconverged, too",
+)
 def compare(
     base: str | None,
     contender: str | None,
@@ -498,6 +539,7 @@ def compare(
     contender_where: tuple[str, ...],
     where: tuple[str, ...],
     threshold: float,
+    ignore_clocks: bool,
 ) -> None:
     """Match two sweeps' configs by identity; per-config timing ratios; exit 1 on regression.
 
@@ -507,7 +549,7 @@ def compare(
     from flexbench import report
 
     sides = _report(report.sides, base, contender, base_where, contender_where, where)
-    result = _report(report.compare, *sides, tracking_uri, experiment, threshold)
+    result = _report(report.compare, *sides, tracking_uri, experiment, threshold, ignore_clocks)
     click.echo(report.render_compare(result, fmt))
     if not result.matches:
         click.echo("Error: no config is on both sides; nothing was compared", err=True)
@@ -696,6 +738,11 @@ TUNE_SHARED = {
     "dynamic": None,
     "device": None,
     "timer": None,
+    "regime": None,
+    "max_noise": None,
+    "min_samples": None,
+    "max_time": None,
+    "throttle_threshold": None,
     "experiment": None,
     "tracking_uri": None,
     "tracking_timeout": None,

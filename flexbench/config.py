@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -14,6 +14,13 @@ from flexbench import mods
 DTYPES = ("float16", "bfloat16", "float32")
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 TIMERS = ("auto", "do_bench", "cudagraph", "cudagraph_fwd", "cpu")
+REGIMES = ("auto", "burst", "sustained")  # timing.SAMPLE_MS; "none" on CPU
+DEFAULT_REGIME = "burst"  # agrees best with profiler kernel time (BENCHMARKS.md, H200)
+# Stopping rule defaults per device: CPU wall time on a shared machine rarely gets under 0.5%.
+DEFAULT_MAX_NOISE = {"cuda": 0.005, "cpu": 0.02}
+DEFAULT_MAX_TIME = {"cuda": 3.0, "cpu": 0.5}
+# How a config is timed, not what it measures: params, but not part of the config key.
+SETTINGS = ("max_noise", "min_samples", "max_time", "throttle_threshold")
 DEVICES = ("cpu", "cuda")
 KERNEL_OPTION_TYPES = (int, float, bool, str)
 
@@ -83,6 +90,11 @@ class BenchConfig:
     device: str = "cuda"
     timer: str = "auto"
     kernel_options: str = field(default="")
+    regime: str = "auto"
+    max_noise: float | None = None
+    min_samples: int = 10
+    max_time: float | None = None
+    throttle_threshold: float = 0.9
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: fill derived defaults once
@@ -101,12 +113,37 @@ class BenchConfig:
         set_(self, "kernel_options", canonical_kernel_options(self.kernel_options))
         if self.timer == "auto":
             set_(self, "timer", auto_timer(self.device))
+        self._timing_settings(set_)
         if self.device == "cpu" and self.timer != "cpu":
             raise ValueError(f"timer {self.timer!r} needs CUDA; use timer 'cpu' or 'auto'")
         if self.device == "cuda" and self.timer == "cpu":
             raise ValueError(
                 "timer 'cpu' would not wait for CUDA kernels; use 'auto', "
                 "'do_bench' or 'cudagraph' with device cuda"
+            )
+
+    def _timing_settings(self, set_: Callable) -> None:
+        """Resolve the regime and the stopping rule's per-device defaults; validate them."""
+        _choice("regime", self.regime, (*REGIMES, "none"))
+        if self.device == "cpu":  # no GPU clock to manage: wall time, one call a sample
+            set_(self, "regime", "none")
+        elif self.regime in ("auto", "none"):
+            set_(self, "regime", DEFAULT_REGIME)
+        if self.max_noise is None:
+            set_(self, "max_noise", DEFAULT_MAX_NOISE[self.device])
+        if self.max_time is None:
+            set_(self, "max_time", DEFAULT_MAX_TIME[self.device])
+        if not 0 < self.max_noise < 1:
+            raise ValueError(f"max_noise must be a fraction in (0, 1), got {self.max_noise}")
+        if isinstance(self.min_samples, bool) or not (
+            isinstance(self.min_samples, int) and self.min_samples >= 3
+        ):
+            raise ValueError(f"min_samples must be a whole number >= 3, got {self.min_samples}")
+        if not self.max_time > 0:
+            raise ValueError(f"max_time must be > 0 seconds, got {self.max_time}")
+        if not 0 < self.throttle_threshold <= 1:
+            raise ValueError(
+                f"throttle_threshold must be a fraction in (0, 1], got {self.throttle_threshold}"
             )
 
     @property
@@ -119,8 +156,9 @@ class BenchConfig:
         return json.loads(self.kernel_options) if self.kernel_options else {}
 
     def identity(self) -> dict:
-        """Every field that defines the measurement, as plain JSON values."""
-        return asdict(self)
+        """Every field that defines the measurement, as plain JSON values (not the stopping
+        rule's settings: they say how long to sample, not what is measured)."""
+        return {k: v for k, v in asdict(self).items() if k not in SETTINGS}
 
     def config_key(self) -> str:
         """Stable hash of the identity: the same config gives the same key everywhere."""
@@ -155,6 +193,11 @@ class BenchConfig:
             "dynamic": self.dynamic,
             "max_autotune": self.max_autotune,
             "timer": self.timer,
+            "regime": self.regime,
+            "max_noise": self.max_noise,
+            "min_samples": self.min_samples,
+            "max_time": self.max_time,
+            "throttle_threshold": self.throttle_threshold,
         }
         p.update({f"ko_{k}": v for k, v in self.kernel_options_dict.items()})
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in p.items()}
@@ -210,6 +253,11 @@ def with_options(config: BenchConfig, **changes: object) -> BenchConfig:
                 changes[derived] = None
     if "timer" not in changes and config.timer == auto_timer(config.device):
         changes["timer"] = "auto"
+    if "device" in changes:  # per-device defaults follow the device
+        changes.setdefault("regime", "auto")
+        for name, defaults in (("max_noise", DEFAULT_MAX_NOISE), ("max_time", DEFAULT_MAX_TIME)):
+            if getattr(config, name) == defaults[config.device]:
+                changes.setdefault(name, None)
     return replace(config, **changes)
 
 

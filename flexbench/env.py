@@ -8,7 +8,21 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-ENV_TAGS = ("gpu", "driver", "cuda", "torch", "triton", "python", "flexbench", "git_sha", "host")
+from flexbench import gpustate
+
+ENV_TAGS = (
+    "gpu",
+    "driver",
+    "cuda",
+    "gpu_max_sm_mhz",
+    "gpu_power_limit_w",
+    "torch",
+    "triton",
+    "python",
+    "flexbench",
+    "git_sha",
+    "host",
+)
 
 
 def _run(*cmd: str, cwd: str | Path | None = None) -> str:
@@ -41,17 +55,29 @@ def checkout() -> Path | None:
     return root if (root / ".git").exists() and (root / "pyproject.toml").exists() else None
 
 
+def nvml_index() -> int:
+    """NVML's index of the current CUDA device (they differ under CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    try:
+        return torch.cuda._get_nvml_device_index(torch.cuda.current_device())
+    except Exception:  # noqa: BLE001 - a private helper of torch's: fall back to the ordinal
+        return torch.cuda.current_device()
+
+
 def gpu_info(device: str) -> dict[str, str]:
-    """GPU name, driver and CUDA version; empty strings on CPU."""
+    """GPU name, driver, CUDA version, max SM clock and power limit (NVML); '' on CPU."""
     import torch
 
     if device != "cuda" or not torch.cuda.is_available():
         return {"gpu": "", "driver": "", "cuda": torch.version.cuda or ""}
     driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+    gpu = gpustate.open_gpu(nvml_index())
     return {
         "gpu": torch.cuda.get_device_name(),
         "driver": driver.splitlines()[0] if driver else "",
         "cuda": torch.version.cuda or "",
+        **(gpu.limits() if gpu is not None else {}),
     }
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from flexbench import flops, mods, timing
+from flexbench import env, flops, gpustate, mods, stats, timing
 from flexbench.config import BenchConfig
 
 SEED = 123
@@ -226,6 +226,16 @@ class Bench:
     def __init__(self) -> None:
         self._compiled: dict[tuple, Callable] = {}
         self._masks: dict[tuple, BlockMask] = {}
+        self._gpu: gpustate.Gpu | None | bool = False  # False: not opened yet
+
+    def timing_settings(self, c: BenchConfig) -> timing.Settings:
+        """The config's regime and stopping rule, with this process's GPU (None on CPU or
+        without NVML: GPU state is then absent)."""
+        if c.device == "cuda" and self._gpu is False:
+            self._gpu = gpustate.open_gpu(env.nvml_index())
+        rule = stats.StopRule(c.max_noise, c.min_samples, 0.0, c.max_time)
+        gpu = self._gpu if c.device == "cuda" and self._gpu is not False else None
+        return timing.Settings(c.regime, rule, c.throttle_threshold, gpu)
 
     def compiled(self, c: BenchConfig) -> Callable:
         """One torch.compile(flex_attention) per (dynamic, max_autotune, kernel options)."""
@@ -297,14 +307,15 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
         del outs, expected, expected_out, expected_grads  # not part of flex's footprint
         m["peak_mem_mb"] = _peak_mem_mb(flex, dout, (q, k, v))
     fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, density)
-    with torch.set_grad_enabled(c.calculate_bwd):
-        fwd_times = timing.time_pair(timing.timer_for(c.timer, "fwd"), eager, flex)
-        _record("fwd", m, *fwd_times, fwd_flops)
+    settings = bench.timing_settings(c)
+    sampler = timing.timer_for(c.timer, "fwd")
+    with torch.set_grad_enabled(c.calculate_bwd), timing.side_stream(sampler):
+        _record("fwd", m, *timing.time_pair(sampler, eager, flex, settings), fwd_flops)
     if c.calculate_bwd:
         _record(
             "bwd",
             m,
-            *_time_backward(c.timer, eager, flex, dout, (q, k, v)),
+            *_time_backward(c.timer, eager, flex, dout, (q, k, v), settings),
             flops.backward_flops(fwd_flops),
         )
     if c.q_len == 1:
@@ -385,13 +396,14 @@ def _time_backward(
     flex: Callable[[], Tensor],
     dout: Tensor,
     inputs: Sequence[Tensor],
+    settings: timing.Settings | None = None,
 ) -> tuple[timing.Timing, timing.Timing]:
     """Time the backward pair (its forwards run on the stream the timer captures on); a
     backward that a CUDA graph cannot capture fails with what to do instead."""
     sampler = timing.timer_for(timer, "bwd")
     try:
         with timing.side_stream(sampler):
-            return timing.time_pair(sampler, *_backward_pair(eager, flex, dout, inputs))
+            return timing.time_pair(sampler, *_backward_pair(eager, flex, dout, inputs), settings)
     except RuntimeError as exc:
         if sampler != "cudagraph_stream":
             raise
@@ -405,9 +417,7 @@ def _record(
     kind: str, m: dict[str, float], eager: timing.Timing, flex: timing.Timing, work: float
 ) -> None:
     for name, t in (("eager", eager), ("compiled", flex)):
-        m[f"{kind}_{name}_us"] = t.median_us
-        m[f"{kind}_{name}_us_p20"] = t.p20_us
-        m[f"{kind}_{name}_us_p80"] = t.p80_us
+        m.update(t.metrics(f"{kind}_{name}"))
         m[f"{kind}_{name}_tflops"] = flops.tflops(work, t.median_us)
     m[f"{kind}_speedup"] = flops.speedup(eager.median_us, flex.median_us)
 

@@ -211,7 +211,45 @@ def seed_tables(rows: Sequence[dict], fmt: str = "github") -> str:
     if failed:
         parts.append(heading("Failed configs"))
         parts.append(failed)
+    conditions = conditions_table(rows, fmt)
+    if conditions:
+        parts.append(heading("Timing conditions"))
+        parts.append(conditions)
     return "\n".join(parts)
+
+
+# Per timed series (e.g. fwd_eager): 0/1 metrics that make its median less than a clean result.
+CONDITION_FLAGS = ("throttled", "unconverged")
+
+
+def flagged(row: dict) -> list[str]:
+    """The row's series that ran throttled or did not converge, e.g. `fwd_eager throttled
+    (1695 MHz)` or `bwd_compiled unconverged (noise 1.2%)`."""
+    out = []
+    for key in sorted(row):
+        series, _, flag = key.rpartition("_")
+        if flag not in CONDITION_FLAGS or not _is_set(row[key]):
+            continue
+        if flag == "throttled":
+            mhz = row.get(f"{series}_sm_mhz")
+            out.append(f"{series} throttled ({float(mhz):.0f} MHz)" if mhz else key)
+        else:
+            noise = row.get(f"{series}_noise_pct")
+            out.append(f"{series} unconverged (noise {float(noise):.2f}%)" if noise else key)
+    return out
+
+
+def _is_set(value: object) -> bool:
+    try:
+        return float(value) >= 0.5
+    except (TypeError, ValueError):
+        return False
+
+
+def conditions_table(rows: Sequence[dict], fmt: str = "github") -> str:
+    """Configs whose timings ran throttled or unconverged: one line each ('' when none)."""
+    body = [[r.get("run_name", ""), "; ".join(f)] for r in rows if (f := flagged(r))]
+    return tabulate(body, headers=["config", "series"], tablefmt=fmt) if body else ""
 
 
 def summary_markdown(rows: Sequence[dict], title: str = "flexbench sweep") -> str:
@@ -338,6 +376,7 @@ MATCH = (
 )
 DEFAULT_THRESHOLD = 0.05
 REGRESSIONS = ("regression", "now fails")
+NOT_COMPARABLE = "not comparable"
 
 
 def match_key(row: dict) -> tuple[str, ...]:
@@ -388,6 +427,7 @@ class Match:
     base: dict
     contender: dict
     changes: list[Change] = field(default_factory=list)
+    ignore_clocks: bool = False
 
     @property
     def name(self) -> str:
@@ -401,13 +441,30 @@ class Match:
             return {(True, False): "now fails", (False, True): "now passes"}.get(
                 ok, "fails in both"
             )
+        if self.incomparable():
+            return NOT_COMPARABLE
         verdicts = {c.verdict for c in self.changes}
         return next((v for v in ("regression", "improvement") if v in verdicts), "unchanged")
+
+    def incomparable(self) -> str:
+        """Why the two timings cannot be judged (regimes differ, a side ran throttled or
+        unconverged), or '' (always '' with ignore_clocks)."""
+        if self.ignore_clocks:
+            return ""
+        regimes = (str(self.base.get("regime", "")), str(self.contender.get("regime", "")))
+        if regimes[0] != regimes[1]:
+            return f"regime {regimes[0] or '?'} vs {regimes[1] or '?'}"
+        for side, row in (("base", self.base), ("contender", self.contender)):
+            if f := flagged(row):
+                return f"{side}: {', '.join(f)}"
+        return ""
 
     def detail(self) -> str:
         """The status with what changed, e.g. `regression: fwd_compiled_us +20.0%`."""
         if self.status == "now fails":
             return f"now fails: {self.contender.get('error', '')}"
+        if self.status == NOT_COMPARABLE:
+            return f"{NOT_COMPARABLE}: {self.incomparable()} (--ignore-clocks to judge anyway)"
         word = baseline_family(str(self.base.get("baseline", "")))
         flagged = [
             f"{side_header(c.timing, word)} {c.ratio - 1:+.1%}" for c in self.changes if c.verdict
@@ -453,9 +510,11 @@ class Comparison:
 
     def headline(self) -> str:
         improved = sum(m.status == "improvement" for m in self.matches)
+        incomparable = sum(m.status == NOT_COMPARABLE for m in self.matches)
         return (
             f"{len(self.matches)} configs matched, {len(self.regressions)} regressed, "
-            f"{improved} improved; {len(self.only_base)} only in base, "
+            f"{improved} improved, {incomparable} not comparable (regime, throttled or "
+            f"unconverged); {len(self.only_base)} only in base, "
             f"{len(self.only_contender)} only in contender (threshold {self.threshold:.0%} "
             "and the p20-p80 spread of both runs)"
         )
@@ -466,11 +525,14 @@ def pair(
     contender_rows: Sequence[dict],
     threshold: float = DEFAULT_THRESHOLD,
     labels: tuple[str, str] = ("base", "contender"),
+    ignore_clocks: bool = False,
 ) -> Comparison:
-    """Match configs by identity (the latest run of each per side) and judge every timing."""
+    """Match configs by identity (the latest run of each per side) and judge every timing;
+    a pair measured in different regimes, or throttled or unconverged, is not comparable
+    unless `ignore_clocks`."""
     base, contender = latest_by_config(base_rows), latest_by_config(contender_rows)
     matches = [
-        Match(b, contender[k], changes(b, contender[k], threshold))
+        Match(b, contender[k], changes(b, contender[k], threshold), ignore_clocks)
         for k, b in base.items()
         if k in contender
     ]
@@ -509,6 +571,7 @@ def compare(
     tracking_uri: str | None = None,
     experiment: str = "flexbench",
     threshold: float = DEFAULT_THRESHOLD,
+    ignore_clocks: bool = False,
 ) -> Comparison:
     """`flexbench compare`: read both selections from MLflow and pair them.
 
@@ -519,7 +582,8 @@ def compare(
         raise ValueError(f"--threshold must be >= 0, got {threshold:.0%}")
     base_rows, base_label = query.read(base, tracking_uri, experiment)
     contender_rows, contender_label = query.read(contender, tracking_uri, experiment)
-    return pair(base_rows, contender_rows, threshold, (base_label, contender_label))
+    labels = (base_label, contender_label)
+    return pair(base_rows, contender_rows, threshold, labels, ignore_clocks)
 
 
 def _timings_present(c: Comparison) -> list[str]:

@@ -240,6 +240,11 @@ def run(
     kernel_options: str = "",
     device: str = "cuda",
     timer: str = "auto",
+    regime: str = "auto",
+    max_noise: float | None = None,
+    min_samples: int = 10,
+    max_time: float | None = None,
+    throttle_threshold: float = 0.9,
     experiment: str = "flexbench",
     tracking_uri: str | None = None,
     tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
@@ -268,6 +273,11 @@ def run(
         kernel_options=kernel_options,
         device=device,
         timer=timer,
+        regime=regime,
+        max_noise=max_noise,
+        min_samples=min_samples,
+        max_time=max_time,
+        throttle_threshold=throttle_threshold,
     )
     if config_file:
         configs, sha = configs_from_file(config_file, **common)

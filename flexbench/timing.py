@@ -1,9 +1,17 @@
-"""Timers: CUDA (triton do_bench), CUDA graph replay (do_bench_cudagraph; backward: the same
-method on the stream its forward ran on), CPU (perf_counter).
+"""Timers: CUDA graph replay, triton's do_bench, CPU (perf_counter), sampled until converged.
 
-Each timer returns `Timing`: the median and 20th/80th percentiles in µs over all samples of
-`ROUNDS` rounds. Callers interleave rounds of the baseline and flex (`time_pair`), so a clock or
-thermal drift hits both alike instead of biasing one.
+`time_all` times several functions (flex and its baselines) in interleaved rounds, so a clock
+or thermal drift hits all alike, and keeps sampling each until its relative noise (IQR /
+median) has converged or its time is up (`stats.StopRule`). Each series carries its sample
+count, noise and the GPU state it ran in (SM clock, power, temperature, from NVML).
+
+Two regimes on CUDA (`--regime`):
+- `burst`: short samples (a CUDA graph of ~BURST_SAMPLE_MS), an idle gap after each round so
+  the GPU does not sit at its power limit, and a sample whose clock fell under the throttle
+  threshold is dropped and retaken once the clock has recovered (nvbench's method). Measures
+  kernel efficiency, as a short torch.profiler run does.
+- `sustained`: back-to-back samples of SUSTAINED_SAMPLE_MS graphs, no gaps: the clock the
+  GPU holds under continuous load (what a long training job sees).
 """
 
 from __future__ import annotations
@@ -11,118 +19,167 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from flexbench import stats
 from flexbench.flops import quantile
+from flexbench.gpustate import Gpu, Reading
 
 WARMUP_CALLS = 5  # eager calls before any timing (allocator, cuDNN/cuBLAS heuristics)
-ROUNDS = 3  # interleaved rounds of baseline and flex
-DO_BENCH_WARMUP_MS = 25
-DO_BENCH_REP_MS = 60
-CUDAGRAPH_REP_MS = 40  # per graph, replayed 10 times: 400 ms a call (10 or 20 ms: CV up to 2%)
-GRAPH_REPLAYS = 10  # as do_bench_cudagraph
-CPU_REPEATS = 5  # per round on CPU
 QUANTILES = (0.2, 0.5, 0.8)
+REGIMES = ("burst", "sustained")
+SAMPLE_MS = {"burst": 2.0, "sustained": 40.0}  # one sample: a graph (or do_bench) this long
+BURST_GAP = 1.0  # burst: idle this many times the round's length after each round
+RECOVERY_POLL_S = 0.005  # burst: poll the clock this often while waiting for it to recover
+RECOVERY_MAX_S = 1.0  # ... and give up waiting after this long (the sample is kept, throttled)
+THROTTLE_THRESHOLD = 0.9  # a clock under 90% of the GPU's maximum is throttled
 GPU_WARMUP_S = 1.0  # before a CUDA sweep: idle clocks would slow its first configs
 
 
 @dataclass(frozen=True)
+class GpuConditions:
+    """The GPU state a series ran in: median and lowest SM clock, median power, highest
+    temperature, and whether the median clock was under the throttle threshold."""
+
+    sm_mhz: float
+    sm_mhz_min: float
+    power_w: float
+    temp_c: float
+    throttled: bool
+
+    @classmethod
+    def from_readings(cls, readings: Sequence[Reading], max_mhz: float, threshold: float):
+        clocks = [r.sm_mhz for r in readings]
+        return cls(
+            quantile(clocks, 0.5),
+            min(clocks),
+            quantile([r.power_w for r in readings], 0.5),
+            max(r.temp_c for r in readings),
+            stats.throttled(clocks, max_mhz, threshold),
+        )
+
+
+@dataclass(frozen=True)
 class Timing:
-    """Median and spread of one timed function, µs."""
+    """Median and spread of one timed function, µs; how it was sampled and in what state."""
 
     median_us: float
     p20_us: float
     p80_us: float
     samples: int
+    noise_pct: float = 0.0
+    converged: bool = True
+    retaken: int = 0
+    gpu: GpuConditions | None = None
 
     @classmethod
-    def from_ms(cls, samples_ms: Sequence[float]) -> Timing:
+    def from_ms(cls, samples_ms: Sequence[float], **extra: object) -> Timing:
         us = [s * 1e3 for s in samples_ms]
         p20, p50, p80 = (quantile(us, q) for q in QUANTILES)
-        return cls(p50, p20, p80, len(us))
+        noise = stats.relative_iqr(us) * 100
+        return cls(p50, p20, p80, len(us), noise, **extra)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """This series' metrics under the MLflow names `<prefix>_us`, `_us_p20`, `_samples`,
+        `_noise_pct`, `_unconverged`, and with GPU state `_sm_mhz`, `_sm_mhz_min`,
+        `_power_w`, `_temp_c`, `_throttled`, `_retaken`."""
+        m = {
+            f"{prefix}_us": self.median_us,
+            f"{prefix}_us_p20": self.p20_us,
+            f"{prefix}_us_p80": self.p80_us,
+            f"{prefix}_samples": float(self.samples),
+            f"{prefix}_noise_pct": self.noise_pct,
+            f"{prefix}_unconverged": float(not self.converged),
+        }
+        if self.gpu is not None:
+            g = self.gpu
+            m |= {
+                f"{prefix}_sm_mhz": g.sm_mhz,
+                f"{prefix}_sm_mhz_min": g.sm_mhz_min,
+                f"{prefix}_power_w": g.power_w,
+                f"{prefix}_temp_c": g.temp_c,
+                f"{prefix}_throttled": float(g.throttled),
+                f"{prefix}_retaken": float(self.retaken),
+            }
+        return m
 
 
-def _cpu_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> list[float]:
-    out = []
-    for _ in range(CPU_REPEATS):
-        for g in grads:
-            g.grad = None
+@dataclass(frozen=True)
+class Settings:
+    """How to time: the regime, the stopping rule, the throttle threshold, the GPU to read."""
+
+    regime: str = "burst"
+    rule: stats.StopRule = field(default_factory=stats.StopRule)
+    throttle: float = THROTTLE_THRESHOLD
+    gpu: Gpu | None = None
+
+
+def _clear(grads: Sequence[torch.Tensor]) -> None:
+    for g in grads:
+        g.grad = None
+
+
+class CpuSampler:
+    """One call a sample, wall time (perf_counter)."""
+
+    def __init__(self, fn: Callable[[], object], grads: Sequence[torch.Tensor], ms: float):
+        self.fn, self.grads = fn, grads
+
+    def sample(self) -> list[float]:
+        _clear(self.grads)
         start = time.perf_counter()
+        self.fn()
+        return [(time.perf_counter() - start) * 1e3]
+
+
+class DoBenchSampler:
+    """triton's do_bench over `ms` of calls a sample (every call's time, ms)."""
+
+    def __init__(self, fn: Callable[[], object], grads: Sequence[torch.Tensor], ms: float):
+        self.fn, self.grads, self.ms = fn, list(grads) or None, ms
+
+    def sample(self) -> list[float]:
+        from triton.testing import do_bench
+
+        return do_bench(self.fn, warmup=1, rep=self.ms, grad_to_none=self.grads, return_mode="all")
+
+
+class GraphSampler:
+    """A CUDA graph of as many calls as fill `ms`, captured on the *current* stream (so a
+    backward can be captured on the stream its forward ran on: see side_stream), replayed
+    once a sample: ms per call, without host overhead. do_bench_cudagraph's method; `grads`
+    are not used: timed calls return their gradients (measure's backward pair)."""
+
+    def __init__(self, fn: Callable[[], object], grads: Sequence[torch.Tensor], ms: float):
+        self.start, self.end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
-
-
-def _do_bench_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> list[float]:
-    from triton.testing import do_bench
-
-    return do_bench(
-        fn,
-        warmup=DO_BENCH_WARMUP_MS,
-        rep=DO_BENCH_REP_MS,
-        grad_to_none=list(grads) or None,
-        return_mode="all",
-    )
-
-
-def _cudagraph_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> list[float]:
-    from triton.testing import do_bench_cudagraph
-
-    return do_bench_cudagraph(
-        fn, rep=CUDAGRAPH_REP_MS, grad_to_none=list(grads) or None, return_mode="all"
-    )
-
-
-def _stream_graph_samples(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> list[float]:
-    """do_bench_cudagraph's method on the *current* stream, for a backward: autograd runs it on
-    the stream of its forward, so the forward must have run on this (side) stream, and triton's
-    timer, which makes a new stream, cannot capture it. `grads` are not used: the backward
-    returns its gradients (measure's backward pair), nothing accumulates."""
-    del grads
-    stream = torch.cuda.current_stream()
-    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-    fn()
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate_ms = start.elapsed_time(end) / 5
-    calls = max(1, int(CUDAGRAPH_REP_MS / estimate_ms)) if estimate_ms > 0 else 1000
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
+        self.start.record()
+        for _ in range(5):
             fn()
-    samples = []
-    for _ in range(GRAPH_REPLAYS):
-        start.record()
-        graph.replay()
-        end.record()
+        self.end.record()
         torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / calls)
-    return samples
+        estimate_ms = self.start.elapsed_time(self.end) / 5
+        self.calls = max(1, int(ms / estimate_ms)) if estimate_ms > 0 else 1000
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=torch.cuda.current_stream()):
+            for _ in range(self.calls):
+                fn()
 
-
-@contextmanager
-def side_stream(sampler: str) -> Iterator[None]:
-    """Run the block on a new CUDA stream when `sampler` captures there (else as is)."""
-    if sampler != "cudagraph_stream":
-        yield
-        return
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream().wait_stream(stream)
+    def sample(self) -> list[float]:
+        self.start.record()
+        self.graph.replay()
+        self.end.record()
+        self.end.synchronize()
+        return [self.start.elapsed_time(self.end) / self.calls]
 
 
 SAMPLERS = {
-    "cpu": _cpu_samples,
-    "do_bench": _do_bench_samples,
-    "cudagraph": _cudagraph_samples,
-    "cudagraph_stream": _stream_graph_samples,
+    "cpu": CpuSampler,
+    "do_bench": DoBenchSampler,
+    "cudagraph": GraphSampler,
+    "cudagraph_stream": GraphSampler,
 }
 
 
@@ -136,6 +193,20 @@ def timer_for(timer: str, kind: str) -> str:
     return timer
 
 
+@contextmanager
+def side_stream(sampler: str) -> Iterator[None]:
+    """Run the block on a new CUDA stream when `sampler` captures graphs (else as is): a graph
+    is captured on the current stream, which must not be the default one."""
+    if not sampler.startswith("cudagraph"):
+        yield
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 def warm_up(fn: Callable[[], object], device: str) -> None:
     """Run `fn` a few times untimed and wait for the device."""
     for _ in range(WARMUP_CALLS):
@@ -144,24 +215,89 @@ def warm_up(fn: Callable[[], object], device: str) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class _Series:
+    """One function being sampled."""
+
+    sampler: object
+    samples_ms: list[float] = field(default_factory=list)
+    readings: list[Reading] = field(default_factory=list)
+    retaken: int = 0
+    stop: str | None = None
+
+
+def _recover(gpu: Gpu, floor_mhz: float) -> None:
+    """Wait (at most RECOVERY_MAX_S) for the SM clock to climb back to `floor_mhz`."""
+    deadline = time.perf_counter() + RECOVERY_MAX_S
+    while gpu.clock() < floor_mhz and time.perf_counter() < deadline:
+        time.sleep(RECOVERY_POLL_S)
+
+
+def _take(s: _Series, settings: Settings, floor_mhz: float, out_of_time: bool) -> None:
+    """One sample of `s`, with the GPU state after it. Burst: a sample whose clock fell under
+    the threshold is dropped and retaken after the clock recovers, while time allows."""
+    gpu = settings.gpu
+    for _ in range(settings.rule.min_samples):
+        ms = s.sampler.sample()
+        reading = gpu.read() if gpu is not None else None
+        retake = settings.regime == "burst" and reading is not None and not out_of_time
+        if not (retake and stats.below(reading.sm_mhz, floor_mhz, 1.0)):
+            break
+        s.retaken += 1
+        _recover(gpu, floor_mhz)
+    s.samples_ms += ms
+    if reading is not None:
+        s.readings.append(reading)
+
+
+def _finish(s: _Series, settings: Settings, max_mhz: float) -> Timing:
+    gpu = (
+        GpuConditions.from_readings(s.readings, max_mhz, settings.throttle) if s.readings else None
+    )
+    converged = s.stop == stats.CONVERGED
+    return Timing.from_ms(s.samples_ms, converged=converged, retaken=s.retaken, gpu=gpu)
+
+
+def time_all(
+    timer: str,
+    fns: dict[str, Callable[[], object]],
+    settings: Settings | None = None,
+    grads: Sequence[torch.Tensor] = (),
+) -> dict[str, Timing]:
+    """Time every function in `fns` (name -> call) in interleaved rounds until each has
+    converged or hit the time limit; grads are set to None before every CPU/do_bench call."""
+    settings = settings or Settings()
+    device = "cpu" if timer == "cpu" else "cuda"
+    for fn in fns.values():
+        warm_up(fn, device)
+    ms = SAMPLE_MS.get(settings.regime, SAMPLE_MS["burst"])  # CPU: regime 'none'
+    series = {name: _Series(SAMPLERS[timer](fn, grads, ms)) for name, fn in fns.items()}
+    max_mhz = settings.gpu.max_sm_mhz() if settings.gpu is not None else 0.0
+    floor_mhz = settings.throttle * max_mhz
+    start = time.perf_counter()
+    while active := [s for s in series.values() if s.stop is None]:
+        round_start = time.perf_counter()
+        for s in active:
+            out_of_time = round_start - start >= settings.rule.max_time_s
+            _take(s, settings, floor_mhz, out_of_time)
+        elapsed = time.perf_counter() - start
+        for s in active:
+            s.stop = stats.stop_reason(s.samples_ms, elapsed, settings.rule)
+        if settings.regime == "burst" and device == "cuda":
+            time.sleep((time.perf_counter() - round_start) * BURST_GAP)
+    return {name: _finish(s, settings, max_mhz) for name, s in series.items()}
+
+
 def time_pair(
     timer: str,
     baseline: Callable[[], object],
     flex: Callable[[], object],
+    settings: Settings | None = None,
     grads: Sequence[torch.Tensor] = (),
-    rounds: int = ROUNDS,
 ) -> tuple[Timing, Timing]:
-    """Time baseline and flex in interleaved rounds; grads are set to None before every call."""
-    sample = SAMPLERS[timer]
-    device = "cpu" if timer == "cpu" else "cuda"
-    warm_up(baseline, device)
-    warm_up(flex, device)
-    base_ms: list[float] = []
-    flex_ms: list[float] = []
-    for _ in range(rounds):
-        base_ms += sample(baseline, grads)
-        flex_ms += sample(flex, grads)
-    return Timing.from_ms(base_ms), Timing.from_ms(flex_ms)
+    """`time_all` of a baseline and flex: (baseline timing, flex timing)."""
+    out = time_all(timer, {"eager": baseline, "compiled": flex}, settings, grads)
+    return out["eager"], out["compiled"]
 
 
 def warm_gpu(seconds: float = GPU_WARMUP_S) -> None:

@@ -434,6 +434,11 @@ def run(
     dynamic: bool = False,
     device: str = "cuda",
     timer: str = "auto",
+    regime: str = "auto",
+    max_noise: float | None = None,
+    min_samples: int = 10,
+    max_time: float | None = None,
+    throttle_threshold: float = 0.9,
     grid: str | dict | None = None,
     autotune: bool = True,
     experiment: str = "flexbench",
@@ -462,6 +467,11 @@ def run(
         dynamic=dynamic,
         device=device,
         timer=timer,
+        regime=regime,
+        max_noise=max_noise,
+        min_samples=min_samples,
+        max_time=max_time,
+        throttle_threshold=throttle_threshold,
     )
     smem = smem_limit(device)
     plans = [plan(c, grid_, autotune, smem) for c in configs]

@@ -150,7 +150,7 @@ def test_config_key_is_the_same_in_another_process():
     assert other.stdout.strip() == key
     # Pinned: runs logged with this key are found again (resume) only while it stays the same.
     # A new BenchConfig field changes every key; if that is meant, update this value.
-    assert key == "2999e2d5554e6a8f"
+    assert key == "b31c6199dd36bce5"
 
 
 def test_config_key_pins_the_identity_of_a_measurement():
@@ -169,9 +169,26 @@ def test_config_key_pins_the_identity_of_a_measurement():
         replace(c, score_mod="sliding_window:128"), replace(c, score_mod="sliding_window:64"),
         replace(c, calculate_bwd=True), replace(c, dynamic=True), replace(c, max_autotune=True),
         replace(c, device="cpu", timer="cpu"), replace(c, timer="cudagraph_fwd"), a,
+        replace(c, regime="sustained"),
     ]
     keys = [v.config_key() for v in variants]
     assert c.config_key() not in keys and len(set(keys)) == len(keys)
+    # How long to sample is not what is measured: the stopping rule keeps the key.
+    same = [replace(c, max_noise=0.01), replace(c, min_samples=20), replace(c, max_time=9.0),
+            replace(c, throttle_threshold=0.8), replace(c, regime="burst")]
+    assert {v.config_key() for v in same} == {c.config_key()}
+
+
+def test_timing_settings_resolve_per_device_and_are_validated():
+    gpu, cpu = BenchConfig(**REFERENCE), small()
+    assert (gpu.regime, gpu.max_noise, gpu.max_time) == ("burst", 0.005, 3.0)
+    assert (cpu.regime, cpu.max_noise, cpu.max_time) == ("none", 0.02, 0.5)
+    assert with_options(gpu, device="cpu", timer="auto").regime == "none"
+    for bad, message in [({"max_noise": 0}, "max_noise"), ({"min_samples": 2}, "min_samples"),
+                         ({"max_time": 0}, "max_time"), ({"throttle_threshold": 1.5}, "throttle"),
+                         ({"regime": "hot"}, "regime")]:
+        with pytest.raises(ValueError, match=message):
+            small(**bad)
 
 
 def test_run_name_is_readable():
@@ -188,7 +205,8 @@ def test_params_are_the_contract_names_as_strings():
         "shape": "8,16,4096,128", "batch": "8", "heads": "16", "kv_heads": "4",
         "q_len": "4096", "kv_len": "4096", "head_dim": "128", "dtype": "bfloat16",
         "score_mod": "causal", "device": "cuda", "calculate_bwd": "true", "dynamic": "false",
-        "max_autotune": "false", "timer": "cudagraph",
+        "max_autotune": "false", "timer": "cudagraph", "regime": "burst", "max_noise": "0.005",
+        "min_samples": "10", "max_time": "3.0", "throttle_threshold": "0.9",
         "ko_BLOCK_M": "64", "ko_PRESCALE_QK": "false",
     }
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from flexbench import flops, measure, timing
+from flexbench import flops, measure, stats, timing
 from flexbench.config import BenchConfig, with_options
 
 CPU = dict(batch=1, heads=2, head_dim=16, dtype="float32", device="cpu")
@@ -237,11 +237,15 @@ def test_cpu_timer_warms_up_interleaves_and_clears_grads():
 
         return call
 
-    base, flex = timing.time_pair("cpu", fn("base"), fn("flex"), grads=(x,), rounds=2)
-    n, w = timing.CPU_REPEATS, timing.WARMUP_CALLS
-    assert calls == ["base"] * w + ["flex"] * w + (["base"] * n + ["flex"] * n) * 2
-    assert base.samples == flex.samples == 2 * n
-    assert 0 < base.p20_us <= base.median_us <= base.p80_us
+    rule = stats.StopRule(max_noise=0.5, min_samples=4, max_time_s=60)  # converges at 4
+    base, flex = timing.time_pair("cpu", fn("base"), fn("flex"), timing.Settings("none", rule),
+                                  grads=(x,))
+    w = timing.WARMUP_CALLS
+    timed = calls[2 * w:]
+    assert calls[:2 * w] == ["base"] * w + ["flex"] * w
+    assert timed[:4] == ["base", "flex"] * 2  # one sample of each per round
+    assert base.samples == timed.count("base") and flex.samples == timed.count("flex")
+    assert base.samples >= 4 and 0 < base.p20_us <= base.median_us <= base.p80_us
 
 
 def test_timed_call_returns_the_result_and_seconds():
@@ -272,7 +276,7 @@ def test_backward_pair_returns_grads_without_accumulating_and_repeats():
 def test_backward_graph_capture_failure_names_the_fallback_timer(monkeypatch):
     import contextlib
 
-    def capture_fails(fn, grads):
+    def capture_fails(fn, grads, ms):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
 
     monkeypatch.setitem(timing.SAMPLERS, "cudagraph_stream", capture_fails)

@@ -48,11 +48,13 @@ def record_of(entry: dict) -> dict:
 
 
 def with_spread(record: dict, relative: float) -> dict:
-    """p20/p80 of every forward timing set to median -/+ relative*median."""
+    """p20/p80 of every forward timing set to median -/+ relative*median, converged (a CPU
+    sweep on a busy machine may not be)."""
     out = copy.deepcopy(record)
     m = out["metrics"]
     for t in ("fwd_eager_us", "fwd_compiled_us"):
         m[f"{t}_p20"], m[f"{t}_p80"] = m[t] * (1 - relative), m[t] * (1 + relative)
+        m[f"{t[:-3]}_unconverged"] = 0.0
     return out
 
 
@@ -378,6 +380,36 @@ def test_compare_flags_a_20_percent_slowdown(mlflow_server, compared, capsys):
     assert "fwd_sdpa_us +" not in out  # SDPA did not change
     lines = [line for line in out.splitlines() if line.startswith("| causal")]
     assert lines and "1.200" in lines[0]
+
+
+def test_compare_calls_other_regimes_and_throttled_runs_not_comparable():
+    base = {"run_name": "causal", "status": "FINISHED", "regime": "burst",
+            "fwd_compiled_us": 100.0, "fwd_compiled_sm_mhz": 1980.0}
+    slow = {**base, "fwd_compiled_us": 150.0}
+    assert report.pair([base], [slow]).matches[0].status == "regression"
+    for contender, why in [({**slow, "regime": "sustained"}, "regime burst vs sustained"),
+                           ({**slow, "fwd_compiled_throttled": 1.0, "fwd_compiled_sm_mhz": 1695.0},
+                            "contender: fwd_compiled throttled (1695 MHz)"),
+                           ({**slow, "fwd_compiled_unconverged": 1.0,
+                             "fwd_compiled_noise_pct": 1.5},
+                            "contender: fwd_compiled unconverged (noise 1.50%)")]:
+        c = report.pair([base], [contender])
+        assert c.matches[0].status == "not comparable" and c.exit_code == 0
+        assert why in c.matches[0].detail() and "1 not comparable" in c.headline()
+        assert report.pair([base], [contender], ignore_clocks=True).exit_code == 1
+
+
+def test_summary_lists_throttled_and_unconverged_series():
+    rows = [{"run_name": "noop b1", "status": "FINISHED", "fwd_speedup": 1.0,
+             "fwd_eager_throttled": 1.0, "fwd_eager_sm_mhz": 1695.0,
+             "fwd_compiled_throttled": 0.0, "bwd_compiled_unconverged": 1.0,
+             "bwd_compiled_noise_pct": 0.8},
+            {"run_name": "causal b1", "status": "FINISHED", "fwd_speedup": 1.0}]
+    text = report.seed_tables(rows)
+    assert "Timing conditions" in text
+    line = next(x for x in text.splitlines() if "noop b1" in x and "throttled" in x)
+    assert "fwd_eager throttled (1695 MHz)" in line and "bwd_compiled unconverged" in line
+    assert "fwd_compiled throttled" not in text and "causal b1 " not in text.split("conditions")[1]
 
 
 def test_compare_by_filters_is_the_ci_gate(mlflow_server, compared, capsys):
