@@ -257,7 +257,7 @@ def _default_device(device: str) -> str:
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="seconds per config's fwd (or bwd) timing before it is logged unconverged "
-    "[default: 3 on CUDA, 0.5 on CPU]",
+    "[default: 2 on CUDA, 0.5 on CPU]",
 )
 @click.option(
     "--throttle-threshold",

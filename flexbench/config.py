@@ -18,7 +18,7 @@ REGIMES = ("auto", "burst", "sustained")  # timing.SAMPLE_MS; "none" on CPU
 DEFAULT_REGIME = "burst"  # agrees best with profiler kernel time (BENCHMARKS.md, H200)
 # Stopping rule defaults per device: CPU wall time on a shared machine rarely gets under 0.5%.
 DEFAULT_MAX_NOISE = {"cuda": 0.005, "cpu": 0.02}
-DEFAULT_MAX_TIME = {"cuda": 3.0, "cpu": 0.5}
+DEFAULT_MAX_TIME = {"cuda": 2.0, "cpu": 0.5}
 # How a config is timed, not what it measures: params, but not part of the config key.
 SETTINGS = ("max_noise", "min_samples", "max_time", "throttle_threshold")
 DEVICES = ("cpu", "cuda")

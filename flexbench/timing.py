@@ -30,7 +30,7 @@ from flexbench.gpustate import Gpu, Reading
 WARMUP_CALLS = 5  # eager calls before any timing (allocator, cuDNN/cuBLAS heuristics)
 QUANTILES = (0.2, 0.5, 0.8)
 REGIMES = ("burst", "sustained")
-SAMPLE_MS = {"burst": 2.0, "sustained": 40.0}  # one sample: a graph (or do_bench) this long
+SAMPLE_MS = {"burst": 5.0, "sustained": 40.0}  # one sample: a graph (or do_bench) this long
 BURST_GAP = 1.0  # burst: idle this many times the round's length after each round
 RECOVERY_POLL_S = 0.005  # burst: poll the clock this often while waiting for it to recover
 RECOVERY_MAX_S = 1.0  # ... and give up waiting after this long (the sample is kept, throttled)

@@ -181,7 +181,7 @@ def test_config_key_pins_the_identity_of_a_measurement():
 
 def test_timing_settings_resolve_per_device_and_are_validated():
     gpu, cpu = BenchConfig(**REFERENCE), small()
-    assert (gpu.regime, gpu.max_noise, gpu.max_time) == ("burst", 0.005, 3.0)
+    assert (gpu.regime, gpu.max_noise, gpu.max_time) == ("burst", 0.005, 2.0)
     assert (cpu.regime, cpu.max_noise, cpu.max_time) == ("none", 0.02, 0.5)
     assert with_options(gpu, device="cpu", timer="auto").regime == "none"
     for bad, message in [({"max_noise": 0}, "max_noise"), ({"min_samples": 2}, "min_samples"),
@@ -206,7 +206,7 @@ def test_params_are_the_contract_names_as_strings():
         "q_len": "4096", "kv_len": "4096", "head_dim": "128", "dtype": "bfloat16",
         "score_mod": "causal", "device": "cuda", "calculate_bwd": "true", "dynamic": "false",
         "max_autotune": "false", "timer": "cudagraph", "regime": "burst", "max_noise": "0.005",
-        "min_samples": "10", "max_time": "3.0", "throttle_threshold": "0.9",
+        "min_samples": "10", "max_time": "2.0", "throttle_threshold": "0.9",
         "ko_BLOCK_M": "64", "ko_PRESCALE_QK": "false",
     }
 
