@@ -4,11 +4,11 @@ and how long measuring takes. One process, no MLflow (measure only).
 1. fidelity: for configs no test uses, each regime's medians (flex and baseline, fwd and bwd)
    against torch.profiler kernel time from idle (a short profile: <= PROFILE_MS of calls after
    IDLE_S of rest, no L2 flush, as graph replay runs warm too), with the clocks each ran at;
-2. repeat: REPEAT_SWEEPS separate sweeps of 4 configs per regime: CV of every series' median;
-3. speed: a sweep's measuring time per config (wall minus compile) per regime.
+2. repeat: REPEAT_SWEEPS separate sweeps of 4 configs, default regime: CV of each median;
+3. speed: the 16-config sweep's measuring time per config (wall minus compile).
 
 Usage (GPU machine): python benchmarks/timer_validation.py --out DIR [--parts fidelity,repeat]
-Writes DIR/timer_validation.json after every config (a timeout keeps what was measured).
+Writes DIR/timer_validation_TAG.json after every config (a timeout keeps what was measured).
 """
 
 from __future__ import annotations
@@ -127,54 +127,55 @@ def fidelity(result: dict, save) -> None:
 
 
 def repeat(result: dict, save) -> None:
+    """REPEAT_SWEEPS sweeps of the REPEAT configs in the default regime: CV of each median."""
     from flexbench import flops, measure
 
     out = result.setdefault("repeat", {})
-    for regime in REGIMES:
-        configs = [config(*spec, regime=regime) for spec in REPEAT]
-        runs = [measure.run_sweep(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
-        for i, c in enumerate(configs):
-            for s in SERIES:
-                values = [run[i].metrics.get(f"{s}_us") for run in runs]
-                if all(values):
-                    out[f"{regime} {c.run_name()} {s}"] = {
-                        "values": values,
-                        "cv_pct": flops.cv(values) * 100,
-                    }
-        print(json.dumps({k: v["cv_pct"] for k, v in out.items() if k.startswith(regime)}))
-        save()
+    configs = [config(*spec) for spec in REPEAT]
+    runs = [measure.run_sweep(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
+    for i, c in enumerate(configs):
+        for s in SERIES:
+            values = [run[i].metrics.get(f"{s}_us") for run in runs]
+            if all(values):
+                out[f"{c.regime} {c.run_name()} {s}"] = {
+                    "values": values,
+                    "cv_pct": flops.cv(values) * 100,
+                }
+    print(json.dumps({k: v["cv_pct"] for k, v in out.items()}), flush=True)
+    save()
 
 
 def speed(result: dict, save) -> None:
-    """Measuring time per config (sweep wall minus compile) of the 16-config sweep."""
+    """Measuring time per config (sweep wall minus compile) of the 16-config sweep, default
+    options (also runs against an older flexbench on PYTHONPATH, for before/after)."""
     from flexbench import config as cfg
     from flexbench import measure
 
-    out = result.setdefault("speed", {})
-    for regime in REGIMES:
-        configs = cfg.expand_sweep(
-            SPEED["b"], SPEED["h"], SPEED["s"], SPEED["d"], SPEED["mods"], ["bfloat16"],
-            calculate_bwd=True, device="cuda", regime=regime,
-        )  # fmt: skip
-        start = time.perf_counter()
-        results = measure.run_sweep(configs, progress=False)
-        wall = time.perf_counter() - start
-        compile_s = sum(r.metrics.get("compile_s", 0.0) for r in results)
-        out[regime] = {
-            "configs": len(configs),
-            "failed": sum(not r.ok for r in results),
-            "wall_s": wall,
-            "compile_s": compile_s,
-            "measuring_s_per_config": (wall - compile_s) / len(configs),
-        }
-        print(json.dumps({regime: out[regime]}), flush=True)
-        save()
+    configs = cfg.expand_sweep(
+        SPEED["b"], SPEED["h"], SPEED["s"], SPEED["d"], SPEED["mods"], ["bfloat16"],
+        calculate_bwd=True, device="cuda",
+    )  # fmt: skip
+    start = time.perf_counter()
+    results = measure.run_sweep(configs, progress=False)
+    wall = time.perf_counter() - start
+    compile_s = sum(r.metrics.get("compile_s", 0.0) for r in results)
+    result["speed"] = {
+        "configs": len(configs),
+        "failed": sum(not r.ok for r in results),
+        "wall_s": wall,
+        "compile_s": compile_s,
+        "measuring_s_per_config": (wall - compile_s) / len(configs),
+        "metrics": {r.config.run_name(): r.metrics for r in results},
+    }
+    print(json.dumps({k: v for k, v in result["speed"].items() if k != "metrics"}), flush=True)
+    save()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--tag", default="new", help="names the output file")
     args = parser.parse_args()
     import torch
 
@@ -186,7 +187,7 @@ def main() -> None:
     result["torch_cuda"] = torch.version.cuda
 
     def save() -> None:
-        (out / "timer_validation.json").write_text(json.dumps(result, indent=1))
+        (out / f"timer_validation_{args.tag}.json").write_text(json.dumps(result, indent=1))
 
     save()
     for part in args.parts.split(","):
