@@ -24,17 +24,21 @@ FLAGS = {
     "score_mod": "-mods",
     "dtype": "-dtype",
 }
+PERCENT = ("max_noise", "throttle_threshold")  # fractions in the config, percent on the CLI
 
 
 def option(name: str, value: object) -> list[str]:
-    """One field as command-line words: a true boolean is a bare flag, a false one and an
-    empty value are left out (the defaults), a list is comma-joined."""
+    """One field as command-line words: a true boolean is a bare flag, a false one, an empty
+    value and regime `none` (what CPU resolves to) are left out (the defaults), a list is
+    comma-joined, fractions the CLI takes in percent are spelled in percent."""
     flag = FLAGS.get(name, "--" + name.replace("_", "-"))
     if isinstance(value, bool):
         return [flag] if value else []
     if isinstance(value, (list, tuple)):  # e.g. several baselines: a comma list, as typed
         value = ",".join(str(v) for v in value)
-    return [] if value in ("", None) else [flag, str(value)]
+    if name in PERCENT:
+        return [flag, f"{value * 100:g}"]
+    return [] if value in ("", None, "none") else [flag, str(value)]
 
 
 def command(config: BenchConfig, experiment: str = DEFAULT_EXPERIMENT) -> str:

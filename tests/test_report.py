@@ -526,10 +526,12 @@ def test_repro_command_spells_out_every_field_of_the_config():
     assert cmd == (
         "flexbench run -b 2 -nh 8 -s 1 -d 64 --kv-heads 2 --kv-len 4096 -dtype float16 "
         "-mods sliding_window:128 --calculate-bwd --device cuda --timer do_bench "
-        "--kernel-options '{\"BLOCK_M\":64}' --experiment nightly"
+        "--kernel-options '{\"BLOCK_M\":64}' --regime burst --max-noise 0.5 --min-samples 10 "
+        "--max-time 2.0 --throttle-threshold 90 --experiment nightly"
     )
     p = cli.run.make_context("run", shlex.split(cmd)[2:]).params  # as `flexbench run` parses it
-    names = ("calculate_bwd", "dynamic", "max_autotune", "kernel_options", "device", "timer")
+    names = ("calculate_bwd", "dynamic", "max_autotune", "kernel_options", "device", "timer",
+             "regime", "max_noise", "min_samples", "max_time", "throttle_threshold")
     args = [p[k] for k in ("batch", "heads", "seq_lens", "head_dims", "score_mods", "dtypes")]
     again, _ = sweep.configs_from_args(
         *args, p["kv_heads"], p["kv_lens"], p["decode"], **{k: p[k] for k in names}
