@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class Result:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     baseline: str = ""
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per sweep phase, not logged
 
     @property
     def ok(self) -> bool:
@@ -57,6 +59,18 @@ class Result:
             "status": "FINISHED" if self.ok else "FAILED",
             "error": self.error,
         }
+
+
+class Laps:
+    """`lap(name)` adds the seconds since the previous lap (or creation) to `phases[name]`."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases, self.last = phases, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 class CheckFailed(Exception):
@@ -260,11 +274,12 @@ class Bench:
             )
         return self._masks[key]
 
-    def run(self, c: BenchConfig) -> Result:
-        """Measure one config; any exception becomes a failed Result with a one-line reason."""
+    def run(self, c: BenchConfig, body: Callable[..., None] | None = None) -> Result:
+        """Measure one config (or run another `body(c, bench, result)`, e.g. `compile_only`);
+        any exception becomes a failed Result with a one-line reason."""
         result = Result(c)
         try:
-            measure(c, self, result)
+            (body or measure)(c, self, result)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             result.error = (
                 f"recompile limit ({torch._dynamo.config.recompile_limit}) hit: torch.compile "
@@ -278,21 +293,51 @@ class Bench:
         return result
 
 
-def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
-    """Fill `result` for config `c` (raises on failure; Bench.run isolates it)."""
+@dataclass
+class Setup:
+    """What a config's flex calls run on: mod, inputs, the bound flex call (BlockMask), dout."""
+
+    built: mods.Built
+    inputs: tuple[Tensor, Tensor, Tensor]
+    scale: float
+    flex: Callable[[], Tensor]
+    dout: Tensor | None
+    density: float
+
+
+def prepare(c: BenchConfig, bench: Bench, result: Result) -> Setup:
+    """Build config `c`'s mod, BlockMask, seeded inputs and flex call (records baseline and
+    sparsity); compile workers run exactly this, so they compile the graph measured here."""
     built = mods.resolve(c.score_mod).build(mods.Dims(c.heads, c.q_len, c.kv_len, c.device))
     result.baseline = built.baseline
     block_mask = bench.block_mask(c, built)
     q, k, v = make_inputs(c, requires_grad=c.calculate_bwd)
     scale = 1.0 / math.sqrt(c.head_dim)
     flex = _flex_call(bench.compiled(c), q, k, v, built, block_mask, scale, c)
-    eager = sdpa_baseline(q, k, v, built, scale)
     density = block_density(block_mask)
-    m = result.metrics
-    m["sparsity"] = 1.0 - density
+    result.metrics["sparsity"] = 1.0 - density
     torch.manual_seed(SEED)
     dout = torch.randn_like(q) if c.calculate_bwd else None
+    return Setup(built, (q, k, v), scale, flex, dout, density)
+
+
+def compile_only(c: BenchConfig, bench: Bench, result: Result) -> None:
+    """The first (compiling) forward and backward calls of `measure`, nothing timed or checked:
+    what a compile worker runs to fill the inductor/triton caches for the measuring process."""
+    s = prepare(c, bench, result)
+    _, result.metrics["compile_s"] = _first_calls(s.flex, s.dout, c, s.inputs)
+
+
+def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
+    """Fill `result` for config `c` (raises on failure; Bench.run isolates it)."""
+    lap = Laps(result.phases)
+    s = prepare(c, bench, result)
+    (q, k, v), built, scale, flex, dout = s.inputs, s.built, s.scale, s.flex, s.dout
+    eager = sdpa_baseline(q, k, v, built, scale)
+    m = result.metrics
+    lap("check")
     outs, m["compile_s"] = _first_calls(flex, dout, c, (q, k, v))
+    lap("compile")
     expected_out, expected_grads = reference(q, k, v, built, scale, dout)
     with torch.no_grad():
         m["baseline_max_abs_err"] = max_abs_err(eager(), expected_out)
@@ -306,7 +351,8 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     if c.device == "cuda":
         del outs, expected, expected_out, expected_grads  # not part of flex's footprint
         m["peak_mem_mb"] = _peak_mem_mb(flex, dout, (q, k, v))
-    fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, density)
+    fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, s.density)
+    lap("check")
     settings = bench.timing_settings(c)
     sampler = timing.timer_for(c.timer, "fwd")
     with torch.set_grad_enabled(c.calculate_bwd), timing.side_stream(sampler):
@@ -318,6 +364,7 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
             *_time_backward(c.timer, eager, flex, dout, (q, k, v), settings),
             flops.backward_flops(fwd_flops),
         )
+    lap("timing")
     if c.q_len == 1:
         nbytes = flops.kv_bytes(c.batch, c.kv_heads, c.kv_len, c.head_dim, q.element_size())
         m["fwd_eager_tbps"] = flops.tbps(nbytes, m["fwd_eager_us"])
@@ -445,13 +492,18 @@ def run_sweep(
     on_result: Callable[[Result], None] | None = None,
     progress: bool = True,
     recompile_limit: int | None = None,
+    compile_workers: int = 0,
 ) -> list[Result]:
     """Measure every config, isolating failures; `on_result` sees each Result as it lands.
 
     `recompile_limit` (default: room for every config) caps dynamo recompiles per mod; a config
-    that would exceed it fails instead of silently running uncompiled.
+    that would exceed it fails instead of silently running uncompiled. `compile_workers`
+    processes compile the configs ahead (precompile.Pool); a config's phase "wait" is the time
+    the sweep waited for its worker.
     """
     from tqdm import tqdm
+
+    from flexbench import precompile
 
     configs = list(configs)
     for device, bwd in {(c.device, c.calculate_bwd) for c in configs}:
@@ -459,13 +511,17 @@ def run_sweep(
     bench, results = Bench(), []
     dynamic = any(c.dynamic for c in configs)
     limit = default_recompile_limit(len(configs)) if recompile_limit is None else recompile_limit
-    if any(c.device == "cuda" for c in configs):
-        timing.warm_gpu()
-    with dynamo_settings(dynamic, limit):
-        bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")
-        for c in bar:
-            bar.set_description(c.run_name())
-            results.append(bench.run(c))
-            if on_result is not None:
-                on_result(results[-1])
+    with precompile.Pool(configs, compile_workers, dynamic, limit) as pool:
+        if any(c.device == "cuda" for c in configs):
+            timing.warm_gpu()
+        with dynamo_settings(dynamic, limit):
+            bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")
+            for i, c in enumerate(bar):
+                bar.set_description(c.run_name())
+                ready = pool.take(i)
+                results.append(ready.failed or bench.run(c))
+                if ready.by_worker:
+                    results[-1].phases["wait"] = ready.waited
+                if on_result is not None:
+                    on_result(results[-1])
     return results
