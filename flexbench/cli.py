@@ -121,6 +121,15 @@ class GpuList(click.ParamType):
         return [int(v) for v in ids]
 
 
+def workers_count(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    """`auto` or a whole number >= 0 (--compile-workers)."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    if not str(value).strip().isdigit():
+        raise click.BadParameter(f"'{value}' is not a count >= 0 or 'auto'")
+    return int(value)
+
+
 EPILOG_GROUP = """\b
 Example (any machine; logs to ./mlflow.db, see it with `mlflow ui`):
   flexbench run --device cpu -b 1 -nh 4 -s 256 -d 64 -mods noop,causal -dtype float32
@@ -313,6 +322,22 @@ def _default_device(device: str) -> str:
     default=None,
     help="YAML or JSON list of configs (batch, heads, q_len, head_dim, mod; kv_heads, kv_len, "
     "dtype optional) instead of the cross product of -b -nh -s -d -mods -dtype",
+)
+@click.option(
+    "--compile-workers",
+    default="auto",
+    show_default=True,
+    callback=workers_count,
+    metavar="N|auto",
+    help="processes that compile configs ahead of measuring, into torch's caches (0 = off); "
+    "auto: a CPU core each beside the measuring process(es) on CUDA, 0 on CPU",
+)
+@click.option(
+    "--compile-cache",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="file of torch compile-cache artifacts: loaded before the sweep if present, saved "
+    "after (reuse a sweep's compiled kernels on another machine of the same kind)",
 )
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def run(**opts: object) -> None:

@@ -208,9 +208,9 @@ class Pool:
             failed = measure.Result(
                 self.configs[index], message["metrics"], message["error"], message["baseline"]
             )
-        self._settle(index, failed)
         w.task = None
-        self._assign(w)
+        self._assign(w)  # before settling: the next config is taken before the sweep moves on
+        self._settle(index, failed)
 
     def _settle(self, index: int, failed: object | None) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flexbench import env, history, measure, patience, report, repro, tracking
+from flexbench import env, history, measure, patience, precompile, report, repro, tracking
 from flexbench.config import BenchConfig, configs_from_file, expand_sweep, shard
 
 
@@ -38,6 +38,7 @@ class Outcome:
     tracking_s: float = 0.0  # the sweep waited on MLflow this long
     background_s: float = 0.0  # child runs logged on the background thread, overlapped
     problems: list[str] = field(default_factory=list)  # e.g. a GPU worker that died
+    phases: dict[str, float] = field(default_factory=dict)  # phase_*_s: where the time went
 
     @property
     def failed(self) -> int:
@@ -116,11 +117,15 @@ def run_sweep(
     warn: Callable[[str], None] = print,
     on_result: Callable[[dict], None] | None = None,
     tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
+    compile_workers: int = 0,
+    compile_cache: str | None = None,
 ) -> Outcome:
     """Measure, journal and log every config under one sweep run; never loses a result.
 
     `on_result` sees each journal entry once it is journalled; its child run is logged on a
     background thread (`Tracker.log_later`), all of them before this returns.
+    `compile_workers` processes compile configs ahead of measuring; `compile_cache` is a file
+    of torch cache artifacts loaded before and saved after (precompile.compile_cache).
     """
     start = time.perf_counter()
     device = configs[0].device if configs else "cpu"
@@ -133,8 +138,12 @@ def run_sweep(
     tracker.start(sweep)
     warn_offline(tracker, out, warn)
     last = [sweep["start_ms"]]
+    phases = dict.fromkeys(PHASES, 0.0)
 
     def log_result(result: measure.Result) -> None:
+        start_log = time.perf_counter()
+        for name, seconds in result.phases.items():
+            phases[name] = phases.get(name, 0.0) + seconds
         end = now_ms()
         mine = {**tags, repro.REPRO_TAG: repro.command(result.config, experiment)}
         entry = tracking.result_entry(result.record(), sweep, mine, last[0], end)
@@ -144,15 +153,33 @@ def run_sweep(
         warn_offline(tracker, out, warn)
         if on_result is not None:
             on_result(entry)
+        phases["tracking"] += time.perf_counter() - start_log
 
-    measure.run_sweep(configs, log_result, progress=progress)
-    tracker.finish(out.records, trends=lambda: history.recent_trends(tracker.uri, tracker.exp_id))
+    with precompile.compile_cache(compile_cache, warn):
+        measure.run_sweep(configs, log_result, progress, compile_workers=compile_workers)
+    tracker.drain()
+    phases["tracking"] += tracker.tracking_s
+    out.phases = phase_metrics(phases)
+    tracker.finish(
+        out.records,
+        trends=lambda: history.recent_trends(tracker.uri, tracker.exp_id),
+        metrics=out.phases,
+    )
     warn_offline(tracker, out, warn)
     out.run_id, out.tracking_s = tracker.run_id, tracker.tracking_s
     out.experiment_id = tracker.exp_id
     out.background_s = tracker.background_s
     out.wall_s = time.perf_counter() - start
     return out
+
+
+PHASES = ("compile", "check", "timing", "tracking", "wait")
+
+
+def phase_metrics(phases: dict[str, float]) -> dict[str, float]:
+    """The sweep run's phase_*_s metrics: the measuring process's seconds in first (compiling)
+    calls, setup and checks, timers, tracking (journal, MLflow waits), waiting for workers."""
+    return {f"phase_{name}_s": phases.get(name, 0.0) for name in PHASES}
 
 
 def _resume(
@@ -257,14 +284,19 @@ def run(
     shard: tuple[int, int] | None = None,
     gpus: Sequence[int] | str | None = None,
     config_file: str | None = None,
+    compile_workers: int | str | None = precompile.AUTO,
+    compile_cache: str | None = None,
 ) -> Outcome:
     """`flexbench run`: expand the sweep, or read the configs of `config_file` (ValueError on
     bad input), check the device (RuntimeError), then measure and track it: all of it, its
     `shard` (I, N) slice, or that slice spread over local `gpus` (ids or "all"), one worker
-    process per GPU."""
+    process per GPU; each measuring process with `compile_workers` compile workers (a count
+    or auto)."""
     gpu_ids = visible_gpus(gpus) if gpus else []
     if gpu_ids and device != "cuda":
         raise ValueError("--gpus runs one CUDA worker per GPU; drop --device cpu")
+    if gpu_ids and compile_cache:
+        raise ValueError("--compile-cache is for one measuring process; drop it or --gpus")
     measure.check_runtime(device, calculate_bwd)
     common = dict(
         calculate_bwd=calculate_bwd,
@@ -295,7 +327,8 @@ def run(
             decode,
             **common,
         )
-    params = sweep_params(**args)
+    workers = precompile.resolve_workers(compile_workers, configs, len(gpu_ids) or 1)
+    params = sweep_params(**args, compile_workers=workers, compile_cache=compile_cache or "")
     track = {
         "experiment": experiment,
         "tracking_uri": tracking_uri,
@@ -304,6 +337,8 @@ def run(
         "resume": resume,
         "sweep_id": sweep_id or new_sweep_id(),
         "run_name": run_name,
+        "compile_workers": workers,
+        "compile_cache": compile_cache,
     }
     return run_parts(configs, params, track, shard, gpu_ids, not quiet, warn or warn_stderr)
 
@@ -462,6 +497,8 @@ def _collect(out: Outcome, device: str, code: int, result: Path) -> None:
     out.tracking_s += part.tracking_s
     out.background_s += part.background_s
     out.problems += part.problems
+    for name, seconds in part.phases.items():
+        out.phases[name] = out.phases.get(name, 0.0) + seconds
 
 
 def worker(job_path: str, result_path: str) -> int:
@@ -499,6 +536,9 @@ def closing_line(out: Outcome) -> str:
         f"sweep {out.sweep_id}: {len(out.records)} configs, {out.failed} failed, "
         f"{out.skipped} skipped, {out.wall_s:.1f} s"
     )
+    if any(out.phases.values()):
+        spent = (f"{k[6:-2]} {v:.1f}" for k, v in out.phases.items())  # phase_compile_s: compile
+        line += f" ({', '.join(spent)} s)"
     if out.problems:
         line += "; " + "; ".join(out.problems)
     if out.offline:

@@ -327,12 +327,13 @@ def finish_sweep_run(
     end_ms: int | None = None,
     failed: bool | None = None,
     trends: Callable[[], dict[str, list[float]]] | None = None,
+    extra: dict[str, float] | None = None,
 ) -> None:
-    """Aggregates, summary artifacts (summary.md, results.csv, heatmap.png, report.html with
-    `trends()`' sparklines) and description on the sweep run; it ends FAILED when `failed`
-    (default: when a config failed)."""
+    """Aggregates (and `extra` metrics, e.g. phase_*_s), summary artifacts (summary.md,
+    results.csv, heatmap.png, report.html with `trends()`' sparklines) and description on the
+    sweep run; it ends FAILED when `failed` (default: when a config failed)."""
     rows = [report.row_from_record(r) for r in results]
-    metrics = report.sweep_metrics(rows)
+    metrics = {**report.sweep_metrics(rows), **(extra or {})}
     markdown = report.summary_markdown(rows)
     end_ms = end_ms or int(time.time() * 1000)
     m, _, t = batch(metrics, {}, {NOTE_TAG: description(markdown)}, end_ms)
@@ -488,15 +489,18 @@ class Tracker:
         entries: list[dict],
         failed: bool | None = None,
         trends: Callable[[], dict[str, list[float]]] | None = None,
+        metrics: dict | None = None,
     ) -> None:
-        """Aggregates and artifacts on the sweep run (not ended under `mlflow run`); FAILED
-        when `failed` (default: when a config failed); `trends()`, called once every child
-        run is logged, gives report.html's sparklines."""
+        """Aggregates, `metrics` (journalled for sync) and artifacts on the sweep run (not
+        ended under `mlflow run`); FAILED when `failed` (default: when a config failed);
+        `trends()`, called once every child run is logged, gives report.html's sparklines."""
         self.drain()
+        if metrics:
+            part = self._sweep["part_id"]
+            self.journal.append({"type": "sweep_metrics", "part_id": part, "metrics": metrics})
         terminate = not self.under_mlflow_run
-        self._call(
-            finish_sweep_run, self.client, self.run_id, entries, terminate, None, failed, trends
-        )
+        args = (self.client, self.run_id, entries, terminate, None, failed, trends, metrics)
+        self._call(finish_sweep_run, *args)
         if not self.offline:
             self.journal.mark_finished(self._sweep["part_id"], target_id(self.uri), self.run_id)
 
@@ -550,6 +554,7 @@ def sync(journal: Journal, uri: str) -> SyncReport:
     entries = journal.entries()
     sweeps, todo, unfinished = pending(entries, target)
     results = [e for e in entries if e["type"] == "result"]
+    extra = {e["part_id"]: e["metrics"] for e in entries if e["type"] == "sweep_metrics"}
     out = SyncReport()
     try:
         with fast_http():
@@ -557,7 +562,7 @@ def sync(journal: Journal, uri: str) -> SyncReport:
             for part_id in _parts(todo, unfinished):
                 mine = [e for e in results if e["part_id"] == part_id]
                 sweep = sweeps.get(part_id) or _orphan_sweep(mine[0])
-                _sync_part(client, journal, target, sweep, todo, mine, out)
+                _sync_part(client, journal, target, sweep, todo, mine, out, extra.get(part_id))
     except TrackingError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the CLI
@@ -579,15 +584,16 @@ def _sync_part(
     todo: list[dict],
     mine: list[dict],
     out: SyncReport,
+    extra: dict[str, float] | None = None,
 ) -> None:
-    """One sweep part: its sweep run, its missing children, then its aggregates."""
+    """One sweep part: its sweep run, its missing children, then its aggregates (+ `extra`)."""
     exp_id = _sync_experiment(client, sweep)
     parent = start_sweep_run(client, exp_id, sweep)
     out.sweeps += 1
     for entry in (e for e in todo if e["part_id"] == sweep["part_id"]):
         run_id = _sync_child(client, exp_id, parent, entry, out)
         journal.mark_synced(entry["record_id"], target, run_id)
-    finish_sweep_run(client, parent, mine, terminate=not sweep.get("run_id"))
+    finish_sweep_run(client, parent, mine, terminate=not sweep.get("run_id"), extra=extra)
     journal.mark_finished(sweep["part_id"], target, parent)
 
 

@@ -1,0 +1,150 @@
+"""Compile workers: configs compiled in other processes while the measuring process measures.
+
+One tracked CPU sweep with one worker, in a fresh inductor cache: the worker compiles the graph
+the measuring process runs (its compile is an FX-graph cache hit, nothing compiled anew), a
+config whose worker raises fails as it fails without workers, one whose worker dies fails alone,
+results match `--compile-workers 0`, and the sweep run has its phase metrics. Ctrl-C on
+`flexbench run` leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from torch._dynamo.utils import counters
+
+from flexbench import measure, precompile, sweep
+from flexbench.config import BenchConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = dict(batch=1, heads=2, head_dim=16, dtype="float32", device="cpu")
+OWN = BenchConfig(q_len=128, score_mod="tests.user_mods:explode", **CPU)  # measuring process's
+NOOP = BenchConfig(q_len=128, **CPU)  # given to the worker when it starts
+RAISES = BenchConfig(q_len=256, score_mod="tests.user_mods:explode", **CPU)
+CRASH = BenchConfig(q_len=128, score_mod="tests.crash_mod:plain", **CPU)  # kills its worker
+SWEEP = [OWN, NOOP, RAISES, CRASH]
+PHASES = {f"phase_{p}_s" for p in ("compile", "check", "timing", "tracking", "wait")}
+COMPARED = ("sparsity", "max_abs_err", "fwd_max_abs_err", "baseline_max_abs_err")
+
+
+@pytest.fixture(scope="module")
+def fresh_cache(tmp_path_factory: pytest.TempPathFactory):
+    """An empty inductor cache for this module's sweeps and their workers (which import
+    tests.*): what the measuring process finds there, a worker put there."""
+    root = tmp_path_factory.mktemp("precompile")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+        mp.setenv("PYTHONPATH", str(REPO))
+        yield root
+
+
+def _cache_counts() -> tuple[int, int]:
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+@pytest.fixture(scope="module")
+def swept(fresh_cache, mlflow_server):
+    """SWEEP tracked with one compile worker (cache hits and misses seen after each config),
+    then its first three configs again without workers, on the cache the first run left."""
+    seen = [_cache_counts()]
+    out = sweep.run_sweep(
+        SWEEP,
+        experiment="precompile",
+        tracking_uri=mlflow_server.uri,
+        journal=str(fresh_cache / "journal.jsonl"),
+        progress=False,
+        warn=print,
+        on_result=lambda entry: seen.append(_cache_counts()),
+        compile_workers=1,
+    )
+    plain = measure.run_sweep(SWEEP[:3], progress=False)
+    deltas = [(h1 - h0, m1 - m0) for (h0, m0), (h1, m1) in zip(seen, seen[1:])]
+    return {"out": out, "plain": plain, "deltas": deltas, "uri": mlflow_server.uri}
+
+
+def test_worker_compiles_the_graph_the_sweep_measures(swept):
+    records = swept["out"].records
+    assert [r["status"] for r in records] == ["FAILED", "FINISHED", "FAILED", "FAILED"]
+    hits, misses = swept["deltas"][1]
+    assert hits >= 1 and misses == 0  # NOOP: the worker's graph, nothing compiled anew here
+
+
+def test_results_match_a_sweep_without_workers(swept):
+    records, plain = swept["out"].records, swept["plain"]
+    for record, result in zip(records, plain):
+        assert record["error"] == result.error
+        assert {k: record["metrics"].get(k) for k in COMPARED} == {
+            k: result.metrics.get(k) for k in COMPARED
+        }
+    assert "boom from a user score_mod" in records[2]["error"]  # raised in the worker
+    assert records[1]["metrics"].keys() == plain[1].metrics.keys()
+
+
+def test_a_dead_worker_fails_its_config_only(swept):
+    error = swept["out"].records[3]["error"]
+    assert error.startswith("compile worker died (killed by SIGKILL) compiling this config")
+    assert swept["out"].records[1]["status"] == "FINISHED"  # measured before and unharmed
+
+
+def test_sweep_run_has_phase_metrics(swept):
+    run = MlflowClient(swept["uri"]).get_run(swept["out"].run_id)
+    phases = {k: v for k, v in run.data.metrics.items() if k.startswith("phase_")}
+    assert phases.keys() == PHASES
+    assert phases["phase_wait_s"] > 0 and phases["phase_timing_s"] > 0  # waited for NOOP
+
+
+def _workers_of(parent: int) -> list[int]:
+    """Pids of `flexbench.precompile` processes whose parent is `parent`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"flexbench.precompile" in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ctrl_c_leaves_no_compile_worker(fresh_cache, mlflow_server):
+    args = "run --device cpu -b 1 -nh 2 -s 128 -d 16 -dtype float32 -mods noop,rel,causal"
+    args += f" --compile-workers 2 --quiet --tracking-uri {mlflow_server.uri}"
+    cmd = [sys.executable, "-m", "flexbench", *args.split()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, workers = time.monotonic() + 120, []
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        workers = _workers_of(proc.pid)
+    assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no workers"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert not any(_group_alive(pid) for pid in workers)  # workers and their compilers
+
+
+def test_compile_workers_count():
+    cuda = [BenchConfig(q_len=s, device="cuda", batch=1, heads=2, head_dim=16) for s in (64, 128)]
+    assert precompile.resolve_workers("auto", SWEEP) == 0  # CPU: compiling would perturb timing
+    assert precompile.resolve_workers("auto", cuda[:1]) == 0  # one config: nothing to overlap
+    assert 0 <= precompile.resolve_workers("auto", cuda) <= 1
+    assert precompile.resolve_workers(3, SWEEP) == 3
+    with pytest.raises(ValueError, match="must be >= 0"):
+        precompile.resolve_workers(-1, SWEEP)
