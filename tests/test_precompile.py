@@ -26,7 +26,9 @@ from flexbench.config import BenchConfig
 REPO = Path(__file__).resolve().parents[1]
 CPU = dict(batch=1, heads=2, head_dim=16, dtype="float32", device="cpu")
 OWN = BenchConfig(q_len=128, score_mod="tests.user_mods:explode", **CPU)  # measuring process's
-NOOP = BenchConfig(q_len=128, **CPU)  # given to the worker when it starts
+# Given to the worker when it starts; a shape no other test compiles, so this process's dynamo
+# has no graph for it and must look it up in the (fresh) FX-graph cache.
+NOOP = BenchConfig(**{**CPU, "head_dim": 32}, q_len=128)
 RAISES = BenchConfig(q_len=256, score_mod="tests.user_mods:explode", **CPU)
 CRASH = BenchConfig(q_len=128, score_mod="tests.crash_mod:plain", **CPU)  # kills its worker
 SWEEP = [OWN, NOOP, RAISES, CRASH]
@@ -148,3 +150,18 @@ def test_compile_workers_count():
     assert precompile.resolve_workers(3, SWEEP) == 3
     with pytest.raises(ValueError, match="must be >= 0"):
         precompile.resolve_workers(-1, SWEEP)
+
+
+def test_speed_benchmark_reads_the_closing_line():
+    """benchmarks/sweep_speed_gpu.py parses `flexbench run`'s closing line for its table."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sweep_speed_gpu as bench
+
+    phases = {f"phase_{p}_s": float(i) + 0.25 for i, p in enumerate(("compile", "check",
+              "timing", "tracking", "wait"))}
+    out = sweep.Outcome("abc123", skipped=0, run_id="r1", wall_s=95.04, phases=phases)
+    parsed = bench.parse_closing("progress...\n" + sweep.closing_line(out) + "\n")
+    assert parsed == {"sweep_id": "abc123", "configs": 0, "failed": 0, "inner_s": 95.0,
+                      **{k: round(v, 1) for k, v in phases.items()}}
+    runs = {"seed.cold": {"wall_s": 100.0}, "flexbench.cold": {"wall_s": 40.0, **parsed}}
+    assert "| flexbench | cold | 40.0 | 0.40 | ≤ 0.5 met |" in bench.table({"runs": runs})

@@ -1,0 +1,257 @@
+"""Sweep wall time on a GPU (issue 13): the seed's method vs `flexbench run`, side by side.
+
+The 16 configs (b=8, h=16, s=1024,4096, d=64,128, noop/causal/rel/head_bias, fwd+bwd, bf16),
+or with `--sweep default` the seed's 72-config sweep; each method in its own process and its
+own inductor/triton cache directory, `cold` from an empty cache, then `warm` on the cache the
+cold run left. Wall time is the whole process (imports, compile, measuring, MLflow to SQLite).
+
+methods: `probe` (cold only: two fwd+bwd configs, one compile worker; per config the
+measuring process's FX-graph/AOT-autograd cache hits and misses: the worker's config must miss
+nothing), `seed` (a new torch.compile per config, do_bench, no check; ported to the public API
+in h100_validation.py), `flexbench` (`flexbench run --calculate-bwd` with its defaults: compile
+workers auto, every config checked), `flexbench_w0` (the same with `--compile-workers 0`).
+
+Usage (GPU machine, from the repository root; MLflow importable, e.g. the carried wheels):
+    python benchmarks/sweep_speed_gpu.py --out DIR [--methods seed,flexbench] [--sweep headline]
+Writes DIR/sweep_speed.json after every run and DIR/sweep_speed.md (the table) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE_ROOT = Path("/tmp/flexbench-sweep-speed-cache")  # per method; never under --out
+WORK = Path("/tmp/flexbench-sweep-speed-work")  # journals
+SWEEPS = {
+    "headline": dict(b="8", nh="16", s="1024,4096", d="64,128", mods="noop,causal,rel,head_bias"),
+    "default": dict(
+        b="2,8,16", nh="16", s="512,1024,4096", d="64,128", mods="noop,causal,rel,head_bias"
+    ),
+}
+METHODS = ("probe", "seed", "flexbench", "flexbench_w0")
+PHASES = ("cold", "warm")
+RUN_TIMEOUT_S = 420
+TARGETS = {"cold": 0.5, "warm": 0.8}  # flexbench wall / seed wall, at most
+CLOSING = re.compile(
+    r"sweep (?P<sweep_id>\S+): (?P<configs>\d+) configs, (?P<failed>\d+) failed, "
+    r"\d+ skipped, (?P<inner_s>[\d.]+) s(?: \((?P<phases>[^)]*) s\))?"
+)
+
+
+def flexbench_cmd(sweep: dict, out: Path, method: str, phase: str) -> list[str]:
+    """`flexbench run` as a user types it, tracked to SQLite under `out`."""
+    args = [sys.executable, "-m", "flexbench", "run", "--calculate-bwd", "-dtype", "bfloat16"]
+    for flag, value in sweep.items():
+        args += [f"-{flag}", value]
+    args += ["--tracking-uri", f"sqlite:///{out.resolve()}/speed.db", "--quiet"]
+    args += ["--journal", str(WORK / f"{method}-{phase}.jsonl"), "--run-name", f"{method} {phase}"]
+    return args + (["--compile-workers", "0"] if method == "flexbench_w0" else [])
+
+
+def parse_closing(stderr: str) -> dict:
+    """The closing line's counts, inner wall time and phase seconds."""
+    found = list(CLOSING.finditer(stderr))
+    if not found:
+        return {}
+    m = found[-1]
+    entry = {k: m[k] for k in ("sweep_id",)}
+    entry.update(configs=int(m["configs"]), failed=int(m["failed"]), inner_s=float(m["inner_s"]))
+    if m["phases"]:
+        for part in m["phases"].split(", "):
+            name, seconds = part.rsplit(" ", 1)
+            entry[f"phase_{name}_s"] = float(seconds)
+    return entry
+
+
+def run_one(method: str, phase: str, sweep_name: str, out: Path) -> dict:
+    """One method, one cache state, in a fresh process with its own cache directories."""
+    cache = CACHE_ROOT / sweep_name / method
+    if phase == "cold":
+        shutil.rmtree(cache, ignore_errors=True)
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+        "PYTHONUNBUFFERED": "1",
+    }
+    if method in ("seed", "probe"):
+        cmd = [sys.executable, __file__, f"--child-{method}", sweep_name]
+    else:
+        cmd = flexbench_cmd(SWEEPS[sweep_name], out, method, phase)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        code, stderr = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, stderr = "timeout", (exc.stderr or b"").decode(errors="replace")
+    entry = {"wall_s": time.perf_counter() - start, "returncode": code}
+    if method in ("seed", "probe") and code == 0:
+        entry.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    elif method not in ("seed", "probe"):
+        entry.update(parse_closing(stderr))
+    if code != 0:
+        entry["stderr_tail"] = stderr[-1500:]
+    return entry
+
+
+def seed_child(sweep_name: str) -> None:
+    """The seed's loop over the sweep's configs (its own process)."""
+    sys.path.insert(0, str(HERE))
+    from h100_validation import seed_method
+
+    from flexbench import config
+
+    s = SWEEPS[sweep_name]
+    ints = {k: [int(x) for x in s[k].split(",")] for k in ("b", "nh", "s", "d")}
+    configs = config.expand_sweep(
+        ints["b"],
+        ints["nh"],
+        ints["s"],
+        ints["d"],
+        s["mods"].split(","),
+        ["bfloat16"],
+        calculate_bwd=True,
+        device="cuda",
+    )
+    print(json.dumps({"inner_s": seed_method(configs), "configs": len(configs)}))
+
+
+def probe_child() -> None:
+    """Two fwd+bwd configs, one compile worker, fresh cache: per config, the measuring process's
+    FX-graph and AOT-autograd cache hits and misses (the worker's config should miss nothing)."""
+    from torch._dynamo.utils import counters
+
+    from flexbench import config, measure
+
+    configs = config.expand_sweep(
+        [8],
+        [16],
+        [1024],
+        [64],
+        ["causal", "noop"],
+        ["bfloat16"],
+        calculate_bwd=True,
+        device="cuda",
+    )
+    names = ("fxgraph_cache_hit", "fxgraph_cache_miss")
+    auto = ("autograd_cache_hit", "autograd_cache_miss")
+    seen = []
+
+    def snap(result=None) -> None:
+        seen.append(
+            {
+                **{n: counters["inductor"][n] for n in names},
+                **{n: counters["aot_autograd"][n] for n in auto},
+                "compile_s": (result.metrics.get("compile_s") if result else None),
+                "error": result.error if result else None,
+            }
+        )
+
+    snap()
+    measure.run_sweep(configs, snap, progress=False, compile_workers=1)
+    rows = []
+    for c, before, after in zip(configs, seen, seen[1:]):
+        delta = {n: after[n] - before[n] for n in (*names, *auto)}
+        rows.append(
+            {
+                "config": c.run_name(),
+                **delta,
+                "compile_s": after["compile_s"],
+                "error": after["error"],
+            }
+        )
+    print(json.dumps({"probe": rows}))
+
+
+def table(result: dict) -> str:
+    """Markdown: wall time per method and cache state, ratio to the seed, phases."""
+    runs = result["runs"]
+    lines = [
+        "| method | cache | wall s | / seed | target | configs failed | compile | check | "
+        "timing | tracking | wait |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, e in runs.items():
+        method, phase = key.split(".")
+        if method == "probe":
+            continue
+        seed = runs.get(f"seed.{phase}", {}).get("wall_s")
+        ratio = e["wall_s"] / seed if seed and method != "seed" else None
+        target = TARGETS[phase] if method == "flexbench" else None
+        met = (
+            ""
+            if ratio is None or target is None
+            else (f"≤ {target} {'met' if ratio <= target else 'MISSED'}")
+        )
+        phases = [e.get(f"phase_{p}_s") for p in ("compile", "check", "timing", "tracking", "wait")]
+        cells = [
+            method,
+            phase,
+            f"{e['wall_s']:.1f}",
+            f"{ratio:.2f}" if ratio else "",
+            met,
+            str(e.get("failed", "")),
+            *(f"{p:.1f}" if p is not None else "" for p in phases),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    for row in runs.get("probe.cold", {}).get("probe", []):
+        lines.append(f"\nprobe {json.dumps(row)}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--methods", default="probe,seed,flexbench", help=f"of {','.join(METHODS)}")
+    ap.add_argument("--phases", default="cold,warm")
+    ap.add_argument("--sweep", choices=SWEEPS, default="headline")
+    ap.add_argument("--child-seed", choices=SWEEPS, help=argparse.SUPPRESS)
+    ap.add_argument("--child-probe", choices=SWEEPS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_seed:
+        seed_child(args.child_seed)
+        return
+    if args.child_probe:
+        probe_child()
+        return
+    if args.out is None:
+        ap.error("--out DIR is required")
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown method {bad[0]}; use {', '.join(METHODS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    result = {
+        "sweep": args.sweep,
+        "configs": SWEEPS[args.sweep],
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(sys.argv),
+        "runs": {},
+    }
+    path = args.out / "sweep_speed.json"
+    for phase in args.phases.split(","):
+        for method in methods:
+            if method == "probe" and phase != "cold":
+                continue
+            entry = run_one(method, phase, args.sweep, args.out)
+            result["runs"][f"{method}.{phase}"] = entry
+            print(f"{method} {phase}: {json.dumps(entry)}", flush=True)
+            path.write_text(json.dumps(result, indent=1))
+    (args.out / "sweep_speed.md").write_text(table(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
