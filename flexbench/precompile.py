@@ -175,13 +175,26 @@ class Pool:
     # --- the pool's thread -----------------------------------------------------------------
 
     def _serve(self) -> None:
-        """Hand out configs, read results, replace dead workers, until stopped or done."""
-        while not self._stop.is_set() and self._live and self._busy():
-            for key, _ in self._selector.select(POLL_S):
-                self._read(key.data)
+        """Hand out configs, read results, replace dead workers, until stopped or done; if
+        this thread fails, every config not yet compiled goes back to the measuring process."""
+        try:
+            while not self._stop.is_set() and self._live and self._busy():
+                for key, _ in self._selector.select(POLL_S):
+                    self._read(key.data)
+        except Exception:  # noqa: BLE001 - never leave the sweep waiting on a config
+            self._give_back()
         for w in self._live:  # nothing left to compile: let them exit
             with suppress(OSError):
                 w.proc.stdin.close()
+
+    def _give_back(self) -> None:
+        with self._lock:
+            self._queue.clear()
+            pending = [i for i, state in enumerate(self._state) if state in (TODO, WORKER)]
+            for i in pending:
+                self._state[i] = MAIN
+        for i in pending:
+            self._done[i].set()  # no failure recorded: the measuring process compiles it
 
     def _busy(self) -> bool:
         return bool(self._queue) or any(w.task is not None for w in self._live)
