@@ -617,7 +617,10 @@ def report_command(
 
     selection = query.Selection(sweep, sweep_id, where)
     text = _report(history.page, selection, tracking_uri, experiment)
-    Path(path).write_text(text, encoding="utf-8")
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(f"--html {path}: {exc.strerror}; pass a writable path") from None
     click.echo(f"wrote {path} ({len(text) // 1024} KiB)")
 
 

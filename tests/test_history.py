@@ -257,3 +257,13 @@ def test_environment_changes_listed_once_with_their_reach(store, capsys):
     _, out, _ = flexbench(capsys, f"history --tracking-uri {store} --experiment history")
     changes = out.split("Environment changes")[1]
     assert "nightly-6: torch 2.10.0 -> 2.11.0 (3 configs)" in changes  # noop, causal, alibi
+
+
+def test_report_html_to_an_unwritable_path_is_one_line(store, capsys):
+    args = f"--tracking-uri {store} --experiment history --sweep-id nightly-8"
+    code, _, err = flexbench(capsys, f"report --html /proc/nope/report.html {args}")
+    assert (
+        code == 1
+        and err.startswith("Error: --html /proc/nope/report.html: ")
+        and err.count("\n") == 1
+    )
