@@ -40,6 +40,7 @@ SWEEPS = {
 METHODS = ("probe", "seed", "flexbench", "flexbench_w0")
 PHASES = ("cold", "warm")
 RUN_TIMEOUT_S = 420
+BUDGET_S = 540  # the GPU machine's command limit is 600 s: leave time to write the results
 TARGETS = {"cold": 0.5, "warm": 0.8}  # flexbench wall / seed wall, at most
 CLOSING = re.compile(
     r"sweep (?P<sweep_id>\S+): (?P<configs>\d+) configs, (?P<failed>\d+) failed, "
@@ -72,7 +73,7 @@ def parse_closing(stderr: str) -> dict:
     return entry
 
 
-def run_one(method: str, phase: str, sweep_name: str, out: Path) -> dict:
+def run_one(method: str, phase: str, sweep_name: str, out: Path, timeout: float) -> dict:
     """One method, one cache state, in a fresh process with its own cache directories."""
     cache = CACHE_ROOT / sweep_name / method
     if phase == "cold":
@@ -90,10 +91,11 @@ def run_one(method: str, phase: str, sweep_name: str, out: Path) -> dict:
         cmd = flexbench_cmd(SWEEPS[sweep_name], out, method, phase)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         code, stderr = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired as exc:
-        code, stderr = "timeout", (exc.stderr or b"").decode(errors="replace")
+        err = exc.stderr or ""
+        code, stderr = "timeout", err if isinstance(err, str) else err.decode(errors="replace")
     entry = {"wall_s": time.perf_counter() - start, "returncode": code}
     if method in ("seed", "probe") and code == 0:
         entry.update(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -173,6 +175,55 @@ def probe_child() -> None:
     print(json.dumps({"probe": rows}))
 
 
+TIMED = ("fwd_compiled_us", "bwd_compiled_us", "fwd_eager_us", "bwd_eager_us")
+
+
+def medians(out: Path, sweep_id: str) -> dict[str, dict[str, float]]:
+    """Per config run name, the timed medians a flexbench run logged to out/speed.db."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out.resolve()}/speed.db")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`flexbench.sweep_id` = '{sweep_id}' and tags.`flexbench.kind` = 'config'",
+        max_results=1000,
+    )
+    return {
+        r.info.run_name: {k: r.data.metrics[k] for k in TIMED if k in r.data.metrics} for r in runs
+    }
+
+
+def agreement(a: dict, b: dict) -> dict[str, float]:
+    """|a - b| / b over every config and timed median both runs have: median and max, %."""
+    diffs = sorted(
+        abs(a[n][k] - b[n][k]) / b[n][k] * 100
+        for n in a.keys() & b.keys()
+        for k in a[n].keys() & b[n].keys()
+        if b[n][k] > 0
+    )
+    if not diffs:
+        return {}
+    return {"n": len(diffs), "median_pct": diffs[len(diffs) // 2], "max_pct": diffs[-1]}
+
+
+def compare_runs(result: dict, out: Path) -> None:
+    """Timed medians of each flexbench run against `flexbench.warm` (workers on vs off, cold
+    vs warm): do compile workers change what is measured?"""
+    try:
+        logged = {
+            key: medians(out, e["sweep_id"])
+            for key, e in result["runs"].items()
+            if e.get("sweep_id")
+        }
+    except ImportError:
+        return
+    base = logged.get("flexbench.warm")
+    if base:
+        result["agreement_vs_flexbench_warm"] = {
+            key: agreement(m, base) for key, m in logged.items() if key != "flexbench.warm"
+        }
+
+
 def table(result: dict) -> str:
     """Markdown: wall time per method and cache state, ratio to the seed, phases."""
     runs = result["runs"]
@@ -204,6 +255,8 @@ def table(result: dict) -> str:
             *(f"{p:.1f}" if p is not None else "" for p in phases),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    for key, agree in result.get("agreement_vs_flexbench_warm", {}).items():
+        lines.append(f"\n{key} timed medians vs flexbench.warm: {json.dumps(agree)}")
     for row in runs.get("probe.cold", {}).get("probe", []):
         lines.append(f"\nprobe {json.dumps(row)}")
     return "\n".join(lines) + "\n"
@@ -215,6 +268,7 @@ def main() -> None:
     ap.add_argument("--methods", default="probe,seed,flexbench", help=f"of {','.join(METHODS)}")
     ap.add_argument("--phases", default="cold,warm")
     ap.add_argument("--sweep", choices=SWEEPS, default="headline")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no run after this")
     ap.add_argument("--child-seed", choices=SWEEPS, help=argparse.SUPPRESS)
     ap.add_argument("--child-probe", choices=SWEEPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -241,14 +295,21 @@ def main() -> None:
         "runs": {},
     }
     path = args.out / "sweep_speed.json"
+    deadline = time.monotonic() + args.budget_s
     for phase in args.phases.split(","):
         for method in methods:
             if method == "probe" and phase != "cold":
                 continue
-            entry = run_one(method, phase, args.sweep, args.out)
+            left = deadline - time.monotonic()
+            if left < 30:
+                print(f"{method} {phase}: skipped, out of time (--budget-s)", flush=True)
+                continue
+            entry = run_one(method, phase, args.sweep, args.out, min(RUN_TIMEOUT_S, left))
             result["runs"][f"{method}.{phase}"] = entry
             print(f"{method} {phase}: {json.dumps(entry)}", flush=True)
             path.write_text(json.dumps(result, indent=1))
+    compare_runs(result, args.out)
+    path.write_text(json.dumps(result, indent=1))
     (args.out / "sweep_speed.md").write_text(table(result))
     print(table(result))
 
