@@ -9,7 +9,9 @@ methods: `probe` (cold only: two fwd+bwd configs, one compile worker; per config
 measuring process's FX-graph/AOT-autograd cache hits and misses: the worker's config must miss
 nothing), `seed` (a new torch.compile per config, do_bench, no check; ported to the public API
 in h100_validation.py), `flexbench` (`flexbench run --calculate-bwd` with its defaults: compile
-workers auto, every config checked), `flexbench_w0` (the same with `--compile-workers 0`).
+workers auto, every config checked), `flexbench_w0` (warm only, on flexbench's cache: the
+same with `--compile-workers 0`; its timed medians against flexbench's show whether compile
+workers change what is measured).
 
 Usage (GPU machine, from the repository root; MLflow importable, e.g. the carried wheels):
     python benchmarks/sweep_speed_gpu.py --out DIR [--methods seed,flexbench] [--sweep headline]
@@ -75,7 +77,7 @@ def parse_closing(stderr: str) -> dict:
 
 def run_one(method: str, phase: str, sweep_name: str, out: Path, timeout: float) -> dict:
     """One method, one cache state, in a fresh process with its own cache directories."""
-    cache = CACHE_ROOT / sweep_name / method
+    cache = CACHE_ROOT / sweep_name / ("flexbench" if method == "flexbench_w0" else method)
     if phase == "cold":
         shutil.rmtree(cache, ignore_errors=True)
     env = {
@@ -265,7 +267,7 @@ def table(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--methods", default="probe,seed,flexbench", help=f"of {','.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"of {','.join(METHODS)}")
     ap.add_argument("--phases", default="cold,warm")
     ap.add_argument("--sweep", choices=SWEEPS, default="headline")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no run after this")
@@ -298,7 +300,7 @@ def main() -> None:
     deadline = time.monotonic() + args.budget_s
     for phase in args.phases.split(","):
         for method in methods:
-            if method == "probe" and phase != "cold":
+            if (method, phase) in (("probe", "warm"), ("flexbench_w0", "cold")):
                 continue
             left = deadline - time.monotonic()
             if left < 30:
