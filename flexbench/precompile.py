@@ -130,6 +130,7 @@ class Pool:
     _selector: selectors.BaseSelector | None = None
     _tmp: tempfile.TemporaryDirectory | None = None
     _spawned: int = 0
+    _warned: bool = False
 
     def __enter__(self) -> Pool:
         self.configs = list(self.configs)
@@ -196,6 +197,11 @@ class Pool:
         for i in pending:
             self._done[i].set()  # no failure recorded: the measuring process compiles it
 
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"warning: {message}", file=sys.stderr)
+
     def _busy(self) -> bool:
         return bool(self._queue) or any(w.task is not None for w in self._live)
 
@@ -242,9 +248,13 @@ class Pool:
         if w.task is None:
             return
         if not w.ready:  # died starting up (its environment, not the config): hand it back
+            self._warn_once(
+                f"a compile worker exited at start ({describe_exit(code)}: "
+                f"{last_line(w.log)}); the measuring process compiles instead"
+            )
             with self._lock:
-                self._state[w.task] = TODO
-                self._queue.appendleft(w.task)
+                self._state[w.task] = MAIN
+            self._done[w.task].set()  # no failure: the measuring process compiles it
             return
         error = f"compile worker died ({describe_exit(code)}) compiling this config"
         tail = last_line(w.log)

@@ -165,3 +165,18 @@ def test_speed_benchmark_reads_the_closing_line():
                       **{k: round(v, 1) for k, v in phases.items()}}
     runs = {"seed.cold": {"wall_s": 100.0}, "flexbench.cold": {"wall_s": 40.0, **parsed}}
     assert "| flexbench | cold | 40.0 | 0.40 | ≤ 0.5 met |" in bench.table({"runs": runs})
+
+
+def test_a_worker_that_cannot_start_leaves_its_configs_to_the_sweep(tmp_path, monkeypatch, capsys):
+    """A worker dying before it is ready (its environment, not a config) fails nothing: the
+    measuring process compiles its configs, after one warning."""
+    fake = tmp_path / "fake" / "flexbench"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "precompile.py").write_text("import sys\nsys.exit('broken environment')\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    configs = [NOOP, OWN, RAISES]
+    with precompile.Pool(configs, workers=1) as pool:
+        ready = [pool.take(i) for i in range(len(configs))]
+    assert [r.failed for r in ready] == [None, None, None]
+    assert "exited at start (exit code 1: broken environment)" in capsys.readouterr().err
