@@ -14,6 +14,8 @@ Examples:
   flexbench run -b 8 -nh 16 -s 1024,4096 -d 64,128 -mods noop,causal --calculate-bwd
   flexbench run --device cpu -b 1 -nh 4 -s 256 -d 64 -mods causal,softcap:20 -dtype float32
   flexbench run -nh 32 --kv-heads 8 -s 2048 --kv-len 8192 -mods causal
+  flexbench run -mods causal,alibi --baseline sdpa,sdpa_cudnn,sdpa_flash,inductor_math
+  flexbench run -mods causal --flex-backend triton,flash --calculate-bwd
   flexbench run --gpus all                          # one worker process per local GPU
   flexbench run --shard 0/2 --sweep-id nightly-42   # then --shard 1/2 on another host
   flexbench run --config shapes.yaml --calculate-bwd  # an explicit list of production shapes
@@ -50,6 +52,32 @@ def mod_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
             mods_mod.resolve(name)
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from None
+    return names
+
+
+def baseline_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> str:
+    """Baseline names (`flexbench baselines`), checked now; comma-joined in the order given."""
+    from flexbench import baselines  # imports torch: only for commands that need it
+
+    try:
+        return ",".join(baselines.parse(_split(values)))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+FLEX_BACKENDS = ("auto", "triton", "flash", "triton_decode")  # = config.FLEX_BACKENDS
+
+
+def flex_backend_list(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[str]:
+    """flex backends, each checked now."""
+    names = _split(values)
+    for name in names:
+        if name not in FLEX_BACKENDS:
+            raise click.BadParameter(
+                f"unknown flex backend '{name}'; use {', '.join(FLEX_BACKENDS)}"
+            )
     return names
 
 
@@ -275,6 +303,27 @@ def _default_device(device: str) -> str:
     callback=lambda ctx, p, v: percent(ctx, p, v),
     help="percent of the GPU's max SM clock under which a timing counts as throttled",
 )
+@click.option(
+    "--baseline",
+    "baselines",
+    multiple=True,
+    default=("sdpa",),
+    callback=baseline_list,
+    show_default=True,
+    metavar="NAME[,NAME...]",
+    help="what flex is timed against (`flexbench baselines` lists them); the first that can "
+    "run a config fills fwd_eager_us/fwd_speedup, each has fwd_<name>_us, fwd_speedup_<name>",
+)
+@click.option(
+    "--flex-backend",
+    "flex_backends",
+    multiple=True,
+    default=("auto",),
+    callback=flex_backend_list,
+    show_default=True,
+    help="flex's kernel_options BACKEND, an axis of the sweep: auto, triton, flash, "
+    "triton_decode (a backend that cannot run fails its config, never falls back)",
+)
 @click.option("--experiment", default="flexbench", show_default=True, help="MLflow experiment")
 @click.option(
     "--tracking-uri",
@@ -411,6 +460,26 @@ def list_mods() -> None:
     click.echo(
         "\nA parameter goes after a colon (sliding_window:128); a user score_mod is "
         "named package.module:function."
+    )
+
+
+@cli.command("baselines")
+def list_baselines() -> None:
+    """List the baselines flex can be timed against, with what each computes.
+
+    \b
+    Example:
+      flexbench run -mods causal,softcap --baseline sdpa,eager_math,inductor_math
+    """
+    from tabulate import tabulate
+
+    from flexbench import baselines
+
+    click.echo(tabulate(baselines.describe(), headers="keys", tablefmt="github"))
+    click.echo(
+        "\nEach computes the same function as the flex call and is checked against the "
+        "reference; one that cannot run a config (SDPA for softcap, a CUDA kernel on CPU) is "
+        "skipped with the reason (tag flexbench.baseline_skipped)."
     )
 
 

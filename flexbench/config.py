@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from flexbench import mods
+from flexbench import baselines, mods
 
 DTYPES = ("float16", "bfloat16", "float32")
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -22,6 +22,10 @@ DEFAULT_MAX_TIME = {"cuda": 2.0, "cpu": 0.5}
 # How a config is timed, not what it measures: params, but not part of the config key.
 SETTINGS = ("max_noise", "min_samples", "max_time", "throttle_threshold")
 DEVICES = ("cpu", "cuda")
+FLEX_BACKENDS = ("auto", "triton", "flash", "triton_decode")  # kernel_options BACKEND, lower
+# Fields added after keys were first logged: left out of the key at their default, so a config
+# measured before keeps its key (--resume still finds it).
+KEY_DEFAULTS = {"baselines": baselines.DEFAULT, "flex_backend": "auto"}
 KERNEL_OPTION_TYPES = (int, float, bool, str)
 
 
@@ -95,6 +99,8 @@ class BenchConfig:
     min_samples: int = 10
     max_time: float | None = None
     throttle_threshold: float = 0.9
+    baselines: str = baselines.DEFAULT
+    flex_backend: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: fill derived defaults once
@@ -111,6 +117,10 @@ class BenchConfig:
         _choice("timer", self.timer, TIMERS)
         set_(self, "score_mod", _mod_name(self.score_mod))
         set_(self, "kernel_options", canonical_kernel_options(self.kernel_options))
+        if "BACKEND" in self.kernel_options_dict and self.flex_backend != "auto":
+            raise ValueError("flex's BACKEND is set twice: by flex_backend and kernel_options")
+        set_(self, "baselines", ",".join(baselines.parse(self.baselines)))
+        _choice("flex_backend", self.flex_backend, FLEX_BACKENDS)
         if self.timer == "auto":
             set_(self, "timer", auto_timer(self.device))
         self._timing_settings(set_)
@@ -155,6 +165,11 @@ class BenchConfig:
     def kernel_options_dict(self) -> dict:
         return json.loads(self.kernel_options) if self.kernel_options else {}
 
+    @property
+    def backend(self) -> str:
+        """flex's backend as flex_backend names it (also when kernel_options set BACKEND)."""
+        return str(self.kernel_options_dict.get("BACKEND", self.flex_backend)).lower()
+
     def identity(self) -> dict:
         """Every field that defines the measurement, as plain JSON values (not the stopping
         rule's settings: they say how long to sample, not what is measured)."""
@@ -162,7 +177,8 @@ class BenchConfig:
 
     def config_key(self) -> str:
         """Stable hash of the identity: the same config gives the same key everywhere."""
-        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        ident = {k: v for k, v in self.identity().items() if KEY_DEFAULTS.get(k, ...) != v}
+        blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def run_name(self) -> str:
@@ -174,6 +190,8 @@ class BenchConfig:
         if self.kv_len != self.q_len:
             parts.append(f"kv{self.kv_len}")
         parts += [f"d{self.head_dim}", DTYPE_SHORT[self.dtype]]
+        if self.flex_backend != "auto":
+            parts.append(self.flex_backend)
         return " ".join(parts)
 
     def params(self) -> dict[str, str]:
@@ -198,6 +216,8 @@ class BenchConfig:
             "min_samples": self.min_samples,
             "max_time": self.max_time,
             "throttle_threshold": self.throttle_threshold,
+            "baselines": self.baselines,
+            "flex_backend": self.flex_backend,
         }
         p.update({f"ko_{k}": v for k, v in self.kernel_options_dict.items()})
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in p.items()}
@@ -212,11 +232,13 @@ def expand_sweep(
     dtypes: Iterable[str] = ("bfloat16",),
     kv_heads: Iterable[int | None] = (None,),
     kv_lens: Iterable[int | None] = (None,),
+    flex_backends: Iterable[str] = ("auto",),
     **common: object,
 ) -> list[BenchConfig]:
-    """Cartesian product in the seed's order (b, nh, s, d, mod, dtype), then kv_heads, kv_len."""
+    """Cartesian product in the seed's order (b, nh, s, d, mod, dtype), then kv_heads, kv_len,
+    flex backend."""
     grid = itertools.product(
-        batch, heads, seq_lens, head_dims, score_mods, dtypes, kv_heads, kv_lens
+        batch, heads, seq_lens, head_dims, score_mods, dtypes, kv_heads, kv_lens, flex_backends
     )
     return [
         BenchConfig(
@@ -228,9 +250,10 @@ def expand_sweep(
             dtype=t,
             kv_heads=kvh,
             kv_len=kvl,
+            flex_backend=fb,
             **common,
         )
-        for b, h, s, d, m, t, kvh, kvl in grid
+        for b, h, s, d, m, t, kvh, kvl, fb in grid
     ]
 
 

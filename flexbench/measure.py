@@ -1,8 +1,11 @@
-"""Run ONE config -> Result: inputs, fair SDPA baseline, compiled flex (cached), check, timings.
+"""Run ONE config -> Result: inputs, named baselines, compiled flex (cached), check, timings.
 
 Order per config, correct before fast: compile (timed once), check flex (and dQ/dK/dV) against
-a float32 reference (float64 on CPU), peak memory, then interleaved timing of baseline and
-flex. A config that fails the check is never timed; any exception fails that config only.
+a float32 reference (float64 on CPU), check every named baseline the same way (one that cannot
+run is skipped with the reason, one over tolerance is marked approximate), peak memory, the
+kernels each side ran (one profiler pass), then flex and every baseline timed in the same
+interleaved rounds. A config that fails the check is never timed; any exception fails that
+config only.
 
 The forward runs as the config would in use, as the seed times it: with autograd when the
 config has a backward (a training step's forward, which also saves what backward needs), under
@@ -14,22 +17,29 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from flexbench import env, flops, gpustate, mods, stats, timing
+from flexbench import baselines, env, flops, gpustate, kernels, mods, stats, timing
 from flexbench.config import BenchConfig
 
 SEED = 123
 # (atol, rtol) of |flex - reference| <= atol + rtol * max|reference|, per dtype.
 TOLERANCE = {"float32": (1e-3, 1e-3), "float16": (5e-3, 5e-3), "bfloat16": (3e-2, 3e-2)}
 COMPILE_MODES = {False: "default", True: "max-autotune-no-cudagraphs"}
+FLEX = "compiled"  # flex's series in the seed's metric names (fwd_compiled_us)
+PRIMARY = "eager"  # the first measured baseline's series in the seed's names (fwd_eager_us)
+KERNELS_TAG = "flexbench.{}_kernels"  # flex, or a baseline's name
+INEXACT_TAG = "flexbench.baseline_inexact"
+SKIPPED_TAG = "flexbench.baseline_skipped"
+# The kernel family a requested flex backend must show (kernels.family of flex's kernels).
+BACKEND_FAMILY = {"triton": "triton", "triton_decode": "triton", "flash": "flash"}
 
 
 @dataclass
@@ -41,6 +51,7 @@ class Result:
     error: str | None = None
     baseline: str = ""
     phases: dict[str, float] = field(default_factory=dict)  # seconds per sweep phase, not logged
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -58,6 +69,7 @@ class Result:
             "metrics": self.metrics,
             "status": "FINISHED" if self.ok else "FAILED",
             "error": self.error,
+            "tags": self.tags,
         }
 
 
@@ -200,26 +212,12 @@ def check(actual: list[Tensor], expected: list[Tensor], dtype: str) -> tuple[flo
 def sdpa_baseline(
     q: Tensor, k: Tensor, v: Tensor, built: mods.Built, scale: float
 ) -> Callable[[], Tensor]:
-    """SDPA (or eager math for non-additive mods) computing the same function as flex."""
-    gqa = q.shape[1] != k.shape[1]
+    """SDPA computing the same function as flex (the dense reference math for a mod SDPA
+    cannot express)."""
     if built.transform is not None:
         b = torch.arange(q.shape[0], device=q.device).view(-1, 1, 1, 1)
         return lambda: dense_attention(q, k, v, built, scale, b)
-    mask = built.mask
-    if built.bias is not None:
-        mask = built.bias.to(q.dtype)
-        if built.mask is not None:
-            mask = mask.masked_fill(~built.mask, float("-inf"))
-    if built.sdpa_is_causal:
-        mask = None
-    if mask is not None:
-        # SDPA's fused kernels want a dense mask: a stride-0 broadcast [1,H,1,1] head bias
-        # crashed the memory-efficient kernel on an H100 ("misaligned address").
-        mask = mask.expand(1, mask.shape[1], q.shape[2], k.shape[2]).contiguous()
-    kwargs = {"enable_gqa": True} if gqa else {}
-    return lambda: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=built.sdpa_is_causal, scale=scale, **kwargs
-    )
+    return baselines.sdpa_call(baselines.Case(q, k, v, built, scale))
 
 
 def block_density(block_mask: BlockMask | None) -> float:
@@ -253,7 +251,7 @@ class Bench:
 
     def compiled(self, c: BenchConfig) -> Callable:
         """One torch.compile(flex_attention) per (dynamic, max_autotune, kernel options)."""
-        key = (c.dynamic, c.max_autotune, c.kernel_options)
+        key = (c.dynamic, c.max_autotune, c.kernel_options, c.flex_backend)
         if key not in self._compiled:
             self._compiled[key] = torch.compile(
                 flex_attention,
@@ -306,10 +304,15 @@ class Setup:
 
 
 def prepare(c: BenchConfig, bench: Bench, result: Result) -> Setup:
-    """Build config `c`'s mod, BlockMask, seeded inputs and flex call (records baseline and
-    sparsity); compile workers run exactly this, so they compile the graph measured here."""
+    """Build config `c`'s mod, BlockMask, seeded inputs and flex call (records sparsity); compile
+    workers run exactly this, so they compile the graph measured here. A flex backend off CUDA
+    fails here, before any compile."""
+    if c.flex_backend != "auto" and c.device != "cuda":
+        raise RuntimeError(
+            f"flex backend {c.flex_backend} needs CUDA: on {c.device} flex compiles to its C++ "
+            "kernel whatever BACKEND says; use --flex-backend auto"
+        )
     built = mods.resolve(c.score_mod).build(mods.Dims(c.heads, c.q_len, c.kv_len, c.device))
-    result.baseline = built.baseline
     block_mask = bench.block_mask(c, built)
     q, k, v = make_inputs(c, requires_grad=c.calculate_bwd)
     scale = 1.0 / math.sqrt(c.head_dim)
@@ -333,15 +336,14 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     lap = Laps(result.phases)
     s = prepare(c, bench, result)
     (q, k, v), built, scale, flex, dout = s.inputs, s.built, s.scale, s.flex, s.dout
-    eager = sdpa_baseline(q, k, v, built, scale)
     m = result.metrics
     lap("check")
     outs, m["compile_s"] = _first_calls(flex, dout, c, (q, k, v))
     lap("compile")
     expected_out, expected_grads = reference(q, k, v, built, scale, dout)
-    with torch.no_grad():
-        m["baseline_max_abs_err"] = max_abs_err(eager(), expected_out)
     expected = [expected_out, *expected_grads]
+    case = baselines.Case(q, k, v, built, scale)
+    ready = checked_baselines(c, case, dout, expected, result)
     m["max_abs_err"], failure = check(outs, expected, c.dtype)
     m["fwd_max_abs_err"] = max_abs_err(outs[0], expected_out)
     if c.calculate_bwd:
@@ -351,24 +353,120 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     if c.device == "cuda":
         del outs, expected, expected_out, expected_grads  # not part of flex's footprint
         m["peak_mem_mb"] = _peak_mem_mb(flex, dout, (q, k, v))
+    record_kernels(c, {"flex": flex, **ready}, dout, (q, k, v), result.tags)
+    series = {FLEX: flex, **ready}
     fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, s.density)
     lap("check")
     settings = bench.timing_settings(c)
     sampler = timing.timer_for(c.timer, "fwd")
     with torch.set_grad_enabled(c.calculate_bwd), timing.side_stream(sampler):
-        _record("fwd", m, *timing.time_pair(sampler, eager, flex, settings), fwd_flops)
+        _record("fwd", m, time_series(sampler, series, settings), fwd_flops)
     if c.calculate_bwd:
-        _record(
-            "bwd",
-            m,
-            *_time_backward(c.timer, eager, flex, dout, (q, k, v), settings),
-            flops.backward_flops(fwd_flops),
-        )
+        times = _time_backward(c.timer, series, dout, (q, k, v), settings)
+        _record("bwd", m, times, flops.backward_flops(fwd_flops))
     lap("timing")
     if c.q_len == 1:
         nbytes = flops.kv_bytes(c.batch, c.kv_heads, c.kv_len, c.head_dim, q.element_size())
-        m["fwd_eager_tbps"] = flops.tbps(nbytes, m["fwd_eager_us"])
-        m["fwd_compiled_tbps"] = flops.tbps(nbytes, m["fwd_compiled_us"])
+        for name in (FLEX, *ready, *((PRIMARY,) if ready else ())):
+            m[f"fwd_{name}_tbps"] = flops.tbps(nbytes, m[f"fwd_{name}_us"])
+
+
+def checked_baselines(
+    c: BenchConfig,
+    case: baselines.Case,
+    dout: Tensor | None,
+    expected: list[Tensor],
+    result: Result,
+) -> dict[str, Callable[[], Tensor]]:
+    """Every named baseline that can run this config, checked against the reference (its
+    `<name>_max_abs_err`), in the order named; the first also fills `baseline_max_abs_err` and
+    the `baseline` param. One that cannot run is tagged skipped with the reason, one over the
+    dtype's tolerance is kept (its timing still means something) but tagged inexact."""
+    ready, skipped, inexact = {}, [], []
+    for b in baselines.named(c.baselines):
+        fn, outs, reason = _try_baseline(b, case, dout, c.device)
+        if reason is not None:
+            skipped.append(f"{b.name}: {reason}")
+            continue
+        err, failure = check(outs, expected, c.dtype)
+        result.metrics[f"{b.name}_max_abs_err"] = err
+        if failure:
+            approx = b.approximation(case.built, c.dtype)
+            inexact.append(f"{b.name}: approximate ({approx}), {failure.split(': ', 1)[-1]}")
+        if not ready:
+            result.metrics["baseline_max_abs_err"] = err
+            result.baseline = b.form(case.built)
+        ready[b.name] = fn
+    if skipped:
+        result.tags[SKIPPED_TAG] = "; ".join(skipped)[: kernels.TAG_CHARS]
+    if inexact:
+        result.tags[INEXACT_TAG] = "; ".join(inexact)[: kernels.TAG_CHARS]
+    return ready
+
+
+def _try_baseline(
+    b: baselines.Baseline, case: baselines.Case, dout: Tensor | None, device: str
+) -> tuple[Callable[[], Tensor] | None, list[Tensor], str | None]:
+    """Build and first-call a baseline (output, and dQ/dK/dV with dout): (callable, outputs,
+    None), or (None, [], why it cannot run here: its static reason, or the error its first
+    call raised with the warnings that explain it, e.g. SDPA's 'why not this kernel')."""
+    reason = b.skip_reason(case.built, device)
+    if reason is not None:
+        return None, [], reason
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn = b.build(case)
+            return fn, _outputs(fn, dout, (case.q, case.k, case.v)), None
+        except (Exception, torch.OutOfMemoryError) as exc:  # noqa: BLE001 - skip, go on
+            why = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message)]
+            detail = f" ({' | '.join(dict.fromkeys(why))})" if why else ""
+            return None, [], (one_line(exc) + detail)[:300]
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _outputs(
+    fn: Callable[[], Tensor], dout: Tensor | None, inputs: Sequence[Tensor]
+) -> list[Tensor]:
+    """The output (and, with dout, dQ, dK, dV) of one call, detached."""
+    if dout is None:
+        with torch.no_grad():
+            return [fn()]
+    out = fn()
+    grads = torch.autograd.grad(out, inputs, dout)
+    return [out.detach(), *grads]
+
+
+def record_kernels(
+    c: BenchConfig,
+    sides: dict[str, Callable[[], Tensor]],
+    dout: Tensor | None,
+    inputs: Sequence[Tensor],
+    tags: dict[str, str],
+) -> None:
+    """Tag the kernels each side ran (one call: forward, and backward with dout), outside any
+    timed region; a flex backend that did not run its own kernels fails the config."""
+    for name, fn in sides.items():
+        call = fn if dout is None else lambda fn=fn: torch.autograd.grad(fn(), inputs, dout)
+        with torch.set_grad_enabled(dout is not None):
+            tags[KERNELS_TAG.format(name)] = kernels.tag_value(kernels.profile(call, c.device))
+    want = BACKEND_FAMILY.get(c.backend)
+    ran = kernels.family(tags[KERNELS_TAG.format("flex")])
+    if want and ran != want:
+        raise RuntimeError(
+            f"flex backend {c.backend} requested but flex ran {ran or 'no'} kernels "
+            f"({tags[KERNELS_TAG.format('flex')][:120]}): not timed"
+        )
+
+
+def time_series(
+    sampler: str, series: dict[str, Callable[[], object]], settings: timing.Settings | None
+) -> dict[str, timing.Timing]:
+    """Time every series (flex and the baselines) in the same interleaved rounds, on the
+    current stream: the one place measure calls the timing core."""
+    return timing.time_all(sampler, series, settings)
 
 
 def _flex_call(
@@ -382,8 +480,11 @@ def _flex_call(
     c: BenchConfig,
 ) -> Callable[[], Tensor]:
     kwargs = {"enable_gqa": True} if c.kv_heads != c.heads else {}
-    if c.kernel_options:
-        kwargs["kernel_options"] = c.kernel_options_dict
+    options = c.kernel_options_dict
+    if c.flex_backend != "auto":
+        options["BACKEND"] = c.flex_backend.upper()
+    if options:
+        kwargs["kernel_options"] = options
     return lambda: compiled(
         q, k, v, score_mod=built.score_mod, block_mask=block_mask, scale=scale, **kwargs
     )
@@ -424,33 +525,40 @@ def _peak_mem_mb(
     return (torch.cuda.max_memory_allocated() - before + resident) / 2**20
 
 
+def _backwards(
+    series: dict[str, Callable[[], Tensor]], dout: Tensor, inputs: Sequence[Tensor]
+) -> dict[str, Callable[[], object]]:
+    """Backward alone: each forward graph is built once and kept (retain_graph); dQ, dK, dV
+    are returned, not accumulated into .grad, so a call is the backward kernels only (and a
+    CUDA graph can replay it)."""
+    outs = {name: fn() for name, fn in series.items()}
+    return {
+        name: lambda out=out: torch.autograd.grad(out, inputs, dout, retain_graph=True)
+        for name, out in outs.items()
+    }
+
+
 def _backward_pair(
     eager: Callable[[], Tensor], flex: Callable[[], Tensor], dout: Tensor, inputs: Sequence[Tensor]
 ) -> tuple[Callable[[], object], Callable[[], object]]:
-    """Backward alone: the forward graph is built once and kept (retain_graph); dQ, dK, dV are
-    returned, not accumulated into .grad, so a call is the backward kernels only (and a CUDA
-    graph can replay it)."""
-    out_e, out_f = eager(), flex()
-    return (
-        lambda: torch.autograd.grad(out_e, inputs, dout, retain_graph=True),
-        lambda: torch.autograd.grad(out_f, inputs, dout, retain_graph=True),
-    )
+    """`_backwards` of a baseline and flex, as a pair."""
+    both = _backwards({"eager": eager, "flex": flex}, dout, inputs)
+    return both["eager"], both["flex"]
 
 
 def _time_backward(
     timer: str,
-    eager: Callable[[], Tensor],
-    flex: Callable[[], Tensor],
+    series: dict[str, Callable[[], Tensor]],
     dout: Tensor,
     inputs: Sequence[Tensor],
     settings: timing.Settings | None = None,
-) -> tuple[timing.Timing, timing.Timing]:
-    """Time the backward pair (its forwards run on the stream the timer captures on); a
+) -> dict[str, timing.Timing]:
+    """Time the backwards (their forwards run on the stream the timer captures on); a
     backward that a CUDA graph cannot capture fails with what to do instead."""
     sampler = timing.timer_for(timer, "bwd")
     try:
         with timing.side_stream(sampler):
-            return timing.time_pair(sampler, *_backward_pair(eager, flex, dout, inputs), settings)
+            return time_series(sampler, _backwards(series, dout, inputs), settings)
     except RuntimeError as exc:
         if sampler != "cudagraph_stream":
             raise
@@ -460,21 +568,31 @@ def _time_backward(
         ) from None
 
 
-def _record(
-    kind: str, m: dict[str, float], eager: timing.Timing, flex: timing.Timing, work: float
-) -> None:
-    for name, t in (("eager", eager), ("compiled", flex)):
+def _record(kind: str, m: dict[str, float], times: dict[str, timing.Timing], work: float) -> None:
+    """Per series its timing metrics (`<kind>_<name>_us`, spread, samples, GPU state), TFLOP/s
+    and `<kind>_speedup_<name>`; the first baseline again under the seed's names
+    (`<kind>_eager_us`, `<kind>_speedup`)."""
+    flex = times[FLEX]
+    named = [name for name in times if name != FLEX]
+    if named:
+        times = {**times, PRIMARY: times[named[0]]}
+    for name, t in times.items():
         m.update(t.metrics(f"{kind}_{name}"))
         m[f"{kind}_{name}_tflops"] = flops.tflops(work, t.median_us)
-    m[f"{kind}_speedup"] = flops.speedup(eager.median_us, flex.median_us)
+    for name in named:
+        m[f"{kind}_speedup_{name}"] = flops.speedup(times[name].median_us, flex.median_us)
+    if named:
+        m[f"{kind}_speedup"] = m[f"{kind}_speedup_{named[0]}"]
 
 
 def cached_graphs() -> int:
-    """Graphs dynamo already holds for flex_attention in this process (earlier sweeps)."""
+    """Most graphs dynamo already holds for one of our compiled functions (flex_attention,
+    the inductor_math baseline) in this process (earlier sweeps)."""
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        return len(_debug_get_cache_entry_list(flex_attention.__code__))
+        codes = (flex_attention.__code__, baselines.dense_math.__code__)
+        return max(len(_debug_get_cache_entry_list(code)) for code in codes)
     except (ImportError, AttributeError, RuntimeError):
         return 0
 

@@ -44,6 +44,8 @@ PARAM_KEYS = (
     "max_autotune",
     "timer",
     "baseline",
+    "baselines",
+    "flex_backend",
 )
 BOOL_PARAMS = ("calculate_bwd", "dynamic", "max_autotune")
 ATTRIBUTES = {"status": "r.status", "run_name": "r.name"}  # --where key -> runs column

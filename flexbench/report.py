@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
-from flexbench import query  # imports tracking, which imports this module
+from flexbench import kernels, query  # query imports tracking, which imports this module
 from flexbench.flops import geomean
 
 KINDS = ("fwd", "bwd")
@@ -59,11 +59,16 @@ TABLE_COLUMNS = (
     "sparsity",
     "max_abs_err",
 )
+INEXACT_TAG = "flexbench.baseline_inexact"  # = measure.INEXACT_TAG (measure imports torch)
+SKIPPED_TAG_BASELINE = "flexbench.baseline_skipped"  # = measure.SKIPPED_TAG
+KERNELS_TAG = "flexbench.{}_kernels"  # = measure.KERNELS_TAG
 
 
 def row_from_record(record: dict) -> dict:
-    """A journal record (or result entry) as a row."""
+    """A journal record (or result entry) as a row, with its flexbench tags (as MLflow's)."""
+    tags = record.get("tags", {})
     return {
+        **{k: v for k, v in tags.items() if k.startswith("flexbench.")},
         **record["params"],
         **record["metrics"],
         "run_name": record["run_name"],
@@ -73,8 +78,93 @@ def row_from_record(record: dict) -> dict:
 
 
 def ok_rows(rows: Sequence[dict]) -> list[dict]:
-    """Rows that passed (their speedups count)."""
-    return [r for r in rows if r.get("status") == "FINISHED" and "fwd_speedup" in r]
+    """Rows that passed (their speedups count; one whose baselines were all skipped has
+    none)."""
+    timed = ("fwd_speedup", "fwd_compiled_us")
+    return [r for r in rows if r.get("status") == "FINISHED" and any(k in r for k in timed)]
+
+
+# --- named baselines -------------------------------------------------------------------------
+
+
+def baseline_names(rows: Sequence[dict]) -> list[str]:
+    """Baselines the rows' `baselines` params name, in order of first appearance."""
+    out: dict[str, None] = {}
+    for r in rows:
+        for name in str(r.get("baselines", "")).split(","):
+            if name:
+                out.setdefault(name)
+    return list(out)
+
+
+def primary_name(row: dict) -> str:
+    """The baseline in the row's seed columns (fwd_eager_us): the named one whose form the
+    `baseline` param holds (`sdpa_attn_mask` -> sdpa); '' for a run before named baselines."""
+    form = str(row.get("baseline", ""))
+    names = [n for n in baseline_names([row]) if form == n or form.startswith(n + "_")]
+    return max(names, key=len, default="")
+
+
+def tag_entries(row: dict, tag: str) -> dict[str, str]:
+    """`name: text; name: text` tag values (skipped, inexact) by baseline name."""
+    names, out, last = baseline_names([row]), {}, None
+    for piece in str(row.get(tag, "")).split("; "):
+        name, sep, text = piece.partition(": ")
+        if sep and name in names:
+            out[name], last = text, name
+        elif last is not None:  # a '; ' inside the text
+            out[last] += "; " + piece
+    return out
+
+
+def approximate(row: dict, name: str) -> str:
+    """`approximate (bf16 mask)` when the baseline was over tolerance in this row, else ''."""
+    entry = tag_entries(row, INEXACT_TAG).get(name, "")
+    return entry.split("),", 1)[0] + ")" if entry.startswith("approximate (") else ""
+
+
+def baseline_label(row: dict) -> str:
+    """The table's `baseline` cell: how the first baseline computed the mod, its kernel family
+    and, when over tolerance, its approximation: `sdpa_attn_mask [flash] approximate (bf16
+    mask)`."""
+    name = primary_name(row)
+    family = kernels.family(str(row.get(KERNELS_TAG.format(name), ""))) if name else ""
+    label = " ".join(filter(None, (str(row.get("baseline", "")), f"[{family}]" if family else "")))
+    return " ".join(filter(None, (label, approximate(row, name) if name else "")))
+
+
+def baseline_summary(rows: Sequence[dict]) -> list[dict]:
+    """Per named baseline over the passing rows: configs timed and skipped (with the first
+    reason), kernel families, approximate configs, fwd/bwd speedup geomeans."""
+    good, out = ok_rows(rows), []
+    for name in baseline_names(good):
+        skips = [tag_entries(r, SKIPPED_TAG_BASELINE).get(name) for r in good]
+        reasons = [s for s in skips if s]
+        families = {kernels.family(str(r.get(KERNELS_TAG.format(name), ""))) for r in good}
+        entry = {
+            "baseline": name,
+            "timed": sum(f"fwd_{name}_us" in r for r in good),
+            "skipped": f"{len(reasons)} ({reasons[0]})" if reasons else "0",
+            "kernels": ",".join(sorted(f for f in families if f)),
+            "approximate": sum(bool(approximate(r, name)) for r in good),
+        }
+        for kind in KINDS:
+            values = [
+                float(r[f"{kind}_speedup_{name}"]) for r in good if f"{kind}_speedup_{name}" in r
+            ]
+            entry[f"{kind}_speedup_geomean"] = geomean(values) if values else None
+        out.append(entry)
+    return out
+
+
+def baselines_table(rows: Sequence[dict], fmt: str = "github") -> str:
+    """`baseline_summary` as a table; '' when the rows name one baseline that always ran."""
+    summary = baseline_summary(rows)
+    if len(summary) < 2 and not any(s["skipped"] != "0" or s["approximate"] for s in summary):
+        return ""
+    keys = [k for k in summary[0] if any(s[k] is not None for s in summary)]
+    body = [[_blank(s[k]) for k in keys] for s in summary]
+    return tabulate(body, headers=keys, tablefmt=fmt, floatfmt=".3f")
 
 
 def speedups(rows: Sequence[dict], kind: str) -> list[float]:
@@ -94,6 +184,12 @@ def sweep_metrics(rows: Sequence[dict]) -> dict[str, float]:
             out[f"{kind}_speedup_geomean"] = geomean(values)
             out[f"{kind}_speedup_min"] = min(values)
             out[f"{kind}_speedup_max"] = max(values)
+    for entry in baseline_summary(rows):
+        for kind in KINDS:
+            if entry[f"{kind}_speedup_geomean"] is not None:
+                out[f"{kind}_speedup_{entry['baseline']}_geomean"] = entry[
+                    f"{kind}_speedup_geomean"
+                ]
     return out
 
 
@@ -102,6 +198,12 @@ def _columns(rows: Sequence[dict]) -> list[str]:
     q_len; options, kernel options and environment only when they differ between rows."""
     present = {k for r in rows for k in r}
     cols = [c for c in TABLE_COLUMNS if c in present]
+    names = baseline_names(rows)
+    if len(names) > 1:  # every baseline's speedup after the seed's (the first's)
+        for kind in reversed(KINDS):
+            extra = [f"{kind}_speedup_{n}" for n in names if f"{kind}_speedup_{n}" in present]
+            at = cols.index(f"{kind}_speedup") + 1 if f"{kind}_speedup" in cols else len(cols)
+            cols[at:at] = extra
     if all(r.get("kv_heads") == r.get("heads") for r in rows):
         cols.remove("kv_heads") if "kv_heads" in cols else None
     if all(r.get("kv_len") == r.get("q_len") for r in rows):
@@ -113,8 +215,18 @@ def _columns(rows: Sequence[dict]) -> list[str]:
 
 
 def results_table(rows: Sequence[dict], fmt: str = "github") -> str:
-    """The seed's per-config table (passing configs), its headers naming the sides."""
+    """The seed's per-config table (passing configs), its headers naming the sides; the
+    `baseline` column (when it varies, or says more than the param: kernel family, approximate)
+    labels each row's first baseline."""
     good = ok_rows(rows)
+    labelled = [{**r, "baseline": baseline_label(r)} if "baseline" in r else r for r in good]
+    cols = _columns(labelled)
+    if "baseline" not in cols and any(
+        r.get("baseline") != b.get("baseline") for r, b in zip(labelled, good)
+    ):
+        at = cols.index("dtype") + 1 if "dtype" in cols else len(cols)
+        cols.insert(at, "baseline")
+    good = labelled
     cols = _columns(good)
     body = [[_num(r.get(c, "")) for c in cols] for r in good]
     word = baseline_word(good)
@@ -124,6 +236,8 @@ def results_table(rows: Sequence[dict], fmt: str = "github") -> str:
 
 # The metric names keep the seed's words (the MLflow contract); tables say which side is which.
 FLEX_WORD = "flex"
+# What follows `<kind>_eager_` in a seed name (`fwd_eager_math_us` is a baseline's own).
+SIDE_UNITS = ("us", "us_p20", "us_p80", "tflops", "tbps")
 MIXED_BASELINES = "baseline"
 
 
@@ -138,7 +252,7 @@ def baseline_family(name: str) -> str:
 def baseline_word(rows: Sequence[dict]) -> str:
     """The baseline's name shared by all rows (from their `baseline` param), else `baseline`
     (the table then has a `baseline` column)."""
-    names = {baseline_family(str(r.get("baseline", ""))) for r in rows}
+    names = {primary_name(r) or baseline_family(str(r.get("baseline", ""))) for r in rows}
     return names.pop() if len(names) == 1 else MIXED_BASELINES
 
 
@@ -148,7 +262,7 @@ def side_header(metric: str, baseline: str) -> str:
     kind, _, rest = metric.partition("_")
     side, _, unit = rest.partition("_")
     words = {"eager": baseline, "compiled": FLEX_WORD}
-    if kind in KINDS and side in words and unit:
+    if kind in KINDS and side in words and unit in SIDE_UNITS:
         return f"{kind}_{words[side]}_{unit}"
     return metric
 
@@ -207,6 +321,10 @@ def seed_tables(rows: Sequence[dict], fmt: str = "github") -> str:
         if agg:
             parts.append(heading(f"{kind.upper()} Speedups ({word} time / {FLEX_WORD} time)"))
             parts.append(tabulate(agg, headers="keys", tablefmt=fmt, floatfmt=".3f"))
+    named = baselines_table(rows, fmt)
+    if named:
+        parts.append(f"\n{'Baselines'.center(100, '=')}\n")
+        parts.append(named)
     failed = failed_table(rows, fmt)
     if failed:
         parts.append(heading("Failed configs"))
@@ -326,6 +444,9 @@ def aggregates(rows: Sequence[dict]) -> dict:
                 "max": {"speedup": hi["Speedup"], **{k: hi[k] for k in IDENTITY}},
                 "min": {"speedup": lo["Speedup"], **{k: lo[k] for k in IDENTITY}},
             }
+    named = baseline_summary(rows)
+    if named:
+        out["baselines"] = named
     return out
 
 
@@ -472,10 +593,22 @@ class Match:
         return f"{self.status}: {', '.join(flagged)}" if flagged else self.status
 
 
+def timings(base: dict, contender: dict) -> list[str]:
+    """The timings to compare: flex's; the seed's eager ones when both ran the same first
+    baseline the same way (`baseline` param); and every named baseline both ran, matched by
+    name (`fwd_<name>_us`), but for a first baseline that the eager ones already cover."""
+    same_first = str(base.get("baseline", "")) == str(contender.get("baseline", ""))
+    out = [t for t in TIMINGS if same_first or "_eager_" not in t]
+    shared = [n for n in baseline_names([base]) if n in baseline_names([contender])]
+    covered = primary_name(base) if same_first else ""
+    out += [f"{kind}_{n}_us" for n in shared if n != covered for kind in KINDS]
+    return out
+
+
 def changes(base: dict, contender: dict, threshold: float) -> list[Change]:
     """Every timing both runs logged, judged against the threshold and spreads."""
     out = []
-    for t in TIMINGS:
+    for t in timings(base, contender):
         if t in base and t in contender:
             b, c = float(base[t]), float(contender[t])
             sb, sc = spread(base, t), spread(contender, t)
@@ -587,7 +720,8 @@ def compare(
 
 
 def _timings_present(c: Comparison) -> list[str]:
-    return [t for t in TIMINGS if any(ch.timing == t for m in c.matches for ch in m.changes)]
+    """Timings compared in any match, in the order first compared."""
+    return list(dict.fromkeys(ch.timing for m in c.matches for ch in m.changes))
 
 
 def _ratio_table(c: Comparison, fmt: str) -> str:

@@ -11,7 +11,7 @@ import shlex
 from dataclasses import fields
 
 from flexbench import query
-from flexbench.config import BenchConfig
+from flexbench.config import KEY_DEFAULTS, BenchConfig
 
 REPRO_TAG = "flexbench.repro"
 DEFAULT_EXPERIMENT = "flexbench"
@@ -23,6 +23,8 @@ FLAGS = {
     "head_dim": "-d",
     "score_mod": "-mods",
     "dtype": "-dtype",
+    "baselines": "--baseline",
+    "flex_backend": "--flex-backend",
 }
 PERCENT = ("max_noise", "throttle_threshold")  # fractions in the config, percent on the CLI
 
@@ -45,7 +47,9 @@ def command(config: BenchConfig, experiment: str = DEFAULT_EXPERIMENT) -> str:
     """`flexbench run ...` measuring exactly `config` (every field spelled out)."""
     words = ["flexbench", "run"]
     for f in fields(config):
-        words += option(f.name, getattr(config, f.name))
+        value = getattr(config, f.name)
+        if KEY_DEFAULTS.get(f.name, ...) != value:  # a later field at its default: left out
+            words += option(f.name, value)
     if experiment != DEFAULT_EXPERIMENT:
         words += ["--experiment", experiment]
     return shlex.join(words)

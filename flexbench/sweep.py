@@ -16,7 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from flexbench import env, history, measure, patience, precompile, report, repro, tracking
@@ -70,12 +70,14 @@ def configs_from_args(
     kv_heads: Sequence[int] = (),
     kv_lens: Sequence[int] = (),
     decode: bool = False,
+    flex_backends: Sequence[str] = ("auto",),
     **common: object,
 ) -> tuple[list[BenchConfig], dict[str, object]]:
     """The configs a `run`/`tune` command line names, and those arguments under their MLflow
     param names (`mods`, `b`, `nh`, ..., `common` as given, `configs`: how many) for
-    `sweep_params`. --decode: q_len 1 against kv_len (--kv-len, else -s). ValueError on a bad
-    combination."""
+    `sweep_params`; `baselines` is named `baseline` as its flag. --decode: q_len 1 against
+    kv_len (--kv-len, else -s). ValueError on a bad combination."""
+    renamed = {"baseline" if k == "baselines" else k: v for k, v in common.items()}
     named = dict(
         mods=score_mods,
         b=batch,
@@ -86,7 +88,8 @@ def configs_from_args(
         kv_heads=kv_heads,
         kv_len=kv_lens,
         decode=decode,
-        **common,
+        flex_backend=flex_backends,
+        **renamed,
     )
     if decode:
         seq_lens, kv_lens = [1], list(kv_lens) or list(seq_lens)
@@ -99,6 +102,7 @@ def configs_from_args(
         dtypes,
         kv_heads=list(kv_heads) or [None],
         kv_lens=list(kv_lens) or [None],
+        flex_backends=list(flex_backends) or ["auto"],
         **common,
     )
     return configs, {**named, "configs": len(configs)}
@@ -272,6 +276,8 @@ def run(
     min_samples: int = 10,
     max_time: float | None = None,
     throttle_threshold: float = 0.9,
+    baselines: str = "sdpa",
+    flex_backends: Sequence[str] = ("auto",),
     experiment: str = "flexbench",
     tracking_uri: str | None = None,
     tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
@@ -310,10 +316,13 @@ def run(
         min_samples=min_samples,
         max_time=max_time,
         throttle_threshold=throttle_threshold,
+        baselines=baselines,
     )
     if config_file:
         configs, sha = configs_from_file(config_file, **common)
+        configs = [replace(c, flex_backend=b) for c in configs for b in flex_backends or ["auto"]]
         args = {"config_file": config_file, "config_sha": sha, **common, "configs": len(configs)}
+        args["baseline"] = args.pop("baselines")
     else:
         configs, args = configs_from_args(
             batch,
@@ -325,6 +334,7 @@ def run(
             kv_heads,
             kv_lens,
             decode,
+            flex_backends,
             **common,
         )
     workers = precompile.resolve_workers(compile_workers, configs, len(gpu_ids) or 1)

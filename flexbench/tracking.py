@@ -508,17 +508,18 @@ class Tracker:
 def result_entry(
     record: dict, sweep: dict, tags: dict[str, str], start_ms: int, end_ms: int
 ) -> dict:
-    """A journal `result` entry: the record plus what sync needs to log it later."""
+    """A journal `result` entry: the record plus what sync needs to log it later; its tags
+    are `tags` (environment) and the record's own (kernels, skipped baselines)."""
     return {
         "type": "result",
         "record_id": uuid.uuid4().hex,
         "sweep_id": sweep["sweep_id"],
         "part_id": sweep["part_id"],
         "experiment": sweep["experiment"],
-        "tags": tags,
         "start_ms": start_ms,
         "end_ms": end_ms,
         **record,
+        "tags": {**tags, **record.get("tags", {})},
     }
 
 

@@ -60,6 +60,10 @@ USAGE_ERRORS = {
     "user mod missing": (["-mods", "no_such_pkg.mods:bias"],
                          ["cannot import mod 'no_such_pkg.mods:bias'", "No module named",
                           "package.module:function"]),
+    "unknown baseline": (["--baseline", "sdpa,flash"],
+                         ["'--baseline'", "unknown baseline 'flash'", "sdpa_flash"]),
+    "baseline twice": (["--baseline", "sdpa", "--baseline", "sdpa"], ["named twice"]),
+    "unknown flex backend": (["--flex-backend", "cute"], ["unknown flex backend 'cute'", "flash"]),
 }
 
 

@@ -43,6 +43,12 @@ def small(**changes: object) -> BenchConfig:
         ({"kernel_options": "{bad"}, r"^kernel_options must be a JSON object"),
         ({"kernel_options": "[1, 2]"}, r"^kernel_options must be a JSON object"),
         ({"kernel_options": {"BLOCK_M": [64]}}, r"^kernel_options\[BLOCK_M\] must be a number"),
+        ({"kernel_options": {"BACKEND": "FLASH"}, "flex_backend": "flash"},
+         r"^flex's BACKEND is set twice: by flex_backend and kernel_options$"),
+        ({"flex_backend": "cute"}, r"^flex_backend must be one of auto, triton, flash"),
+        ({"baselines": "sdpa,nope"}, r"^unknown baseline 'nope'; choose from sdpa, sdpa_cudnn"),
+        ({"baselines": "sdpa,sdpa"}, r"^baseline 'sdpa' is named twice$"),
+        ({"baselines": ""}, r"^baseline: name at least one of sdpa"),
     ],
 )
 def test_invalid_field_is_a_one_line_value_error_naming_it(changes, pattern):
@@ -170,6 +176,7 @@ def test_config_key_pins_the_identity_of_a_measurement():
         replace(c, calculate_bwd=True), replace(c, dynamic=True), replace(c, max_autotune=True),
         replace(c, device="cpu", timer="cpu"), replace(c, timer="cudagraph_fwd"), a,
         replace(c, regime="sustained"),
+        replace(c, flex_backend="flash"), replace(c, baselines="sdpa,eager_math"),
     ]
     keys = [v.config_key() for v in variants]
     assert c.config_key() not in keys and len(set(keys)) == len(keys)
@@ -207,6 +214,7 @@ def test_params_are_the_contract_names_as_strings():
         "score_mod": "causal", "device": "cuda", "calculate_bwd": "true", "dynamic": "false",
         "max_autotune": "false", "timer": "cudagraph", "regime": "burst", "max_noise": "0.005",
         "min_samples": "10", "max_time": "2.0", "throttle_threshold": "0.9",
+        "baselines": "sdpa", "flex_backend": "auto",
         "ko_BLOCK_M": "64", "ko_PRESCALE_QK": "false",
     }
 

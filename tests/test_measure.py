@@ -284,7 +284,7 @@ def test_backward_graph_capture_failure_names_the_fallback_timer(monkeypatch):
     monkeypatch.setattr(timing, "warm_up", lambda fn, device: None)  # no CUDA to sync here
     fwd, dout, inputs = _sdpa_pair()
     with pytest.raises(RuntimeError) as info:
-        measure._time_backward("cudagraph", fwd, fwd, dout, inputs)
+        measure._time_backward("cudagraph", {"sdpa": fwd, "compiled": fwd}, dout, inputs)
     assert str(info.value) == (
         "backward could not be timed in a CUDA graph (RuntimeError: CUDA error: operation not "
         "permitted when stream is capturing); rerun with --timer cudagraph_fwd (backward with "

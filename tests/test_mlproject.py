@@ -21,7 +21,7 @@ CPU_PARAMS = {"mods": "causal", "device": "cpu", "b": "1", "nh": "2", "s": "128"
 SEED_DEFAULTS = {"mods": "noop,causal,rel,head_bias", "b": "2,8,16", "nh": "16",
                  "s": "512,1024,4096", "d": "64,128", "dtype": "bfloat16",
                  "calculate_bwd": "false", "dynamic": "false", "max_autotune": "false",
-                 "device": "auto", "timer": "auto"}
+                 "device": "auto", "timer": "auto", "baseline": "sdpa", "flex_backend": "auto"}
 
 
 def load_yaml(name: str) -> dict:

@@ -16,6 +16,7 @@ import re
 import shlex
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -529,14 +530,20 @@ def test_repro_command_spells_out_every_field_of_the_config():
         "--kernel-options '{\"BLOCK_M\":64}' --regime burst --max-noise 0.5 --min-samples 10 "
         "--max-time 2.0 --throttle-threshold 90 --experiment nightly"
     )
-    p = cli.run.make_context("run", shlex.split(cmd)[2:]).params  # as `flexbench run` parses it
+    named = replace(c, baselines="sdpa,eager_math", flex_backend="flash")
+    assert repro.command(named).endswith(
+        "--baseline sdpa,eager_math --flex-backend flash"
+    )
     names = ("calculate_bwd", "dynamic", "max_autotune", "kernel_options", "device", "timer",
              "regime", "max_noise", "min_samples", "max_time", "throttle_threshold")
-    args = [p[k] for k in ("batch", "heads", "seq_lens", "head_dims", "score_mods", "dtypes")]
-    again, _ = sweep.configs_from_args(
-        *args, p["kv_heads"], p["kv_lens"], p["decode"], **{k: p[k] for k in names}
-    )
-    assert [x.config_key() for x in again] == [c.config_key()]
+    for config in (c, named):
+        p = cli.run.make_context("run", shlex.split(repro.command(config))[2:]).params
+        args = [p[k] for k in ("batch", "heads", "seq_lens", "head_dims", "score_mods", "dtypes")]
+        again, _ = sweep.configs_from_args(
+            *args, p["kv_heads"], p["kv_lens"], p["decode"], p["flex_backends"],
+            baselines=p["baselines"], **{k: p[k] for k in names}
+        )
+        assert [x.config_key() for x in again] == [config.config_key()]
 
 
 def test_repro_reruns_the_config_and_resume_skips_it(mlflow_server, measured, capsys):
