@@ -53,7 +53,7 @@ def with_spread(record: dict, relative: float) -> dict:
     sweep on a busy machine may not be)."""
     out = copy.deepcopy(record)
     m = out["metrics"]
-    for t in ("fwd_eager_us", "fwd_compiled_us"):
+    for t in [k for k in m if k.startswith("fwd_") and k.endswith("_us")]:  # every series
         m[f"{t}_p20"], m[f"{t}_p80"] = m[t] * (1 - relative), m[t] * (1 + relative)
         m[f"{t[:-3]}_unconverged"] = 0.0
     return out
