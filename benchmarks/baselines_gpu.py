@@ -11,9 +11,11 @@ Parts (each writes as it goes, so a timeout keeps what was measured):
   auto, triton, flash, triton_decode, and a decode config (q_len 1, kv 8192) with auto, triton,
   triton_decode: which pass, which fail and why, and flex's kernels for each.
 
-Usage (GPU machine):  python benchmarks/baselines_gpu.py --out DIR [--parts sweep16,mods,backends]
+Usage (GPU machine):
+  python benchmarks/baselines_gpu.py --out DIR [--parts sweep16,mods,backends] [--shard I/N]
 Writes DIR/<part>.jsonl (one measure record per config, as it lands), DIR/baselines.json (all
-parts: records, per-config kernel families) and DIR/baselines.md (the summary tables).
+parts: records, per-config kernel families) and DIR/baselines.md (the summary tables); with
+--shard I/N only every N-th config from the I-th (files named .I-of-N).
 """
 
 from __future__ import annotations
@@ -101,11 +103,14 @@ def line(record: dict) -> str:
     return text
 
 
-def run_part(part: str, out: Path) -> list[dict]:
-    """Measure one part; every record appended to DIR/<part>.jsonl as it lands."""
+def run_part(part: str, out: Path, slice_: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Measure one part (its `slice_` I/N of configs); every record appended to
+    DIR/<part>[.I-of-N].jsonl as it lands."""
     from flexbench import measure
+    from flexbench.config import shard
 
-    path = out / f"{part}.jsonl"
+    label = f".{slice_[0]}-of-{slice_[1]}" if slice_[1] > 1 else ""
+    path = out / f"{part}{label}.jsonl"
     path.write_text("", encoding="utf-8")
     records: list[dict] = []
 
@@ -116,7 +121,7 @@ def run_part(part: str, out: Path) -> list[dict]:
             f.write(json.dumps(record) + "\n")
         print(line(record), flush=True)
 
-    measure.run_sweep(part_configs(part), keep, progress=False)
+    measure.run_sweep(shard(part_configs(part), *slice_), keep, progress=False)
     return records
 
 
@@ -131,7 +136,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument(
+        "--shard", default="0/1", help="I/N: only slice I of N of each part (to fit 10 minutes)"
+    )
     args = parser.parse_args()
+    index, count = (int(x) for x in args.shard.split("/"))
     args.out.mkdir(parents=True, exist_ok=True)
     from flexbench import env
 
@@ -139,15 +148,16 @@ def main() -> None:
     markdown = []
     for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
         start = time.perf_counter()
-        records = run_part(part, args.out)
+        records = run_part(part, args.out, (index, count))
         result["parts"][part] = {
             "wall_s": time.perf_counter() - start,
             "records": records,
             "families": {r["run_name"]: families(r) for r in records},
         }
         markdown += [f"## {part}", "", tables(records), ""]
-        (args.out / "baselines.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-        (args.out / "baselines.md").write_text("\n".join(markdown), encoding="utf-8")
+        name = "baselines" + (f".{index}-of-{count}" if count > 1 else "")
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        (args.out / f"{name}.md").write_text("\n".join(markdown), encoding="utf-8")
         print(f"{part}: {len(records)} configs in {time.perf_counter() - start:.0f} s", flush=True)
 
 

@@ -46,9 +46,8 @@ FAMILIES = (
 def short(name: str) -> str:
     """A kernel name without `void `, namespaces' template arguments or parameters."""
     name = COMPILED_GRAPH.sub("CompiledFxGraph", name.strip())
-    name = name.removeprefix("void ").split("(", 1)[0]
-    name = re.sub(r"<.*>", "", name)
-    return name[:NAME_CHARS]
+    name = re.sub(r"<.*>", "", name)  # template arguments first: they may hold parentheses
+    return name.removeprefix("void ").split("(", 1)[0][:NAME_CHARS]
 
 
 def wanted(name: str, on_cuda: bool) -> bool:

@@ -226,10 +226,8 @@ def results_table(rows: Sequence[dict], fmt: str = "github") -> str:
     ):
         at = cols.index("dtype") + 1 if "dtype" in cols else len(cols)
         cols.insert(at, "baseline")
-    good = labelled
-    cols = _columns(good)
-    body = [[_num(r.get(c, "")) for c in cols] for r in good]
     word = baseline_word(good)
+    body = [[_num(r.get(c, "")) for c in cols] for r in labelled]
     headers = [side_header(c, word) for c in cols]
     return tabulate(body, headers=headers, tablefmt=fmt, floatfmt=float_formats(cols))
 

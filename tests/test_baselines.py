@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from flexbench import baselines, kernels, measure, query, report, sweep
 from flexbench.config import BenchConfig
@@ -111,6 +112,10 @@ def test_summary_shows_family_approximation_and_every_baseline(mlflow_server, sw
         f"summary --tracking-uri {mlflow_server.uri} --experiment {EXPERIMENT} --format json",
     )
     named = {b["baseline"]: b for b in json.loads(text)["aggregates"]["baselines"]}
+    sweep_run = MlflowClient(mlflow_server.uri).get_run(swept["outcome"].run_id).data.metrics
+    assert sweep_run["fwd_speedup_eager_math_geomean"] == pytest.approx(
+        named["eager_math"]["fwd_speedup_geomean"]
+    )
     assert named["sdpa"]["timed"] == 2 and named["sdpa"]["approximate"] == 1
     assert named["eager_math"]["timed"] == 2 and named["inductor_math"]["kernels"] == "inductor"
 
@@ -150,6 +155,13 @@ def test_compare_matches_baselines_by_name(mlflow_server, swept):
     assert "fwd_eager_us" in softcap and "fwd_eager_math_us" not in softcap
 
 
+def test_one_config_table_still_names_the_baselines_family(swept):
+    text = report.results_table([report.row_from_record(swept["softcap:30"])])
+    header = text.splitlines()[0]
+    assert "| baseline " in header and "fwd_eager_math_us" in header  # the side named
+    assert "eager_math [math]" in text.splitlines()[2]
+
+
 def test_compare_never_pairs_different_first_baselines(swept):
     base = report.row_from_record(swept["causal"])
     other = copy.deepcopy(base)
@@ -179,6 +191,9 @@ def test_kernel_names_are_short_and_families_named():
     long = ("void fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::"
             "AttentionKernel<cutlass::bfloat16_t, cutlass::arch::Sm80, true, 64, 64>::Params)")
     assert kernels.short(long) == "fmha_cutlassF_bf16_aligned_64x64_rf_sm80"
+    flash = ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 64, 4, "
+             "Flash_kernel_traits<128, cutlass::bfloat16_t> >, (bool)0>(pytorch_flash::Params)")
+    assert kernels.short(flash) == "pytorch_flash::flash_fwd_kernel"
     assert kernels.family([kernels.short(long)]) == "efficient"
     assert kernels.family("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "cudnn"
     assert kernels.family("pytorch_flash::flash_fwd_kernel; Memcpy") == "flash"
