@@ -321,7 +321,7 @@ def seed_tables(rows: Sequence[dict], fmt: str = "github") -> str:
             parts.append(tabulate(agg, headers="keys", tablefmt=fmt, floatfmt=".3f"))
     named = baselines_table(rows, fmt)
     if named:
-        parts.append(f"\n{'Baselines'.center(100, '=')}\n")
+        parts.append(heading("Baselines"))
         parts.append(named)
     failed = failed_table(rows, fmt)
     if failed:
@@ -340,11 +340,15 @@ CONDITION_FLAGS = ("throttled", "unconverged")
 
 def flagged(row: dict) -> list[str]:
     """The row's series that ran throttled or did not converge, e.g. `fwd_eager throttled
-    (1695 MHz)` or `bwd_compiled unconverged (noise 1.2%)`."""
+    (1695 MHz)` or `bwd_compiled unconverged (noise 1.2%)`; with named baselines the first one
+    by its name (`fwd_sdpa`), not again as `fwd_eager`."""
     out = []
+    copy = primary_name(row)  # the seed's `<kind>_eager` series repeats this baseline's
     for key in sorted(row):
         series, _, flag = key.rpartition("_")
         if flag not in CONDITION_FLAGS or not _is_set(row[key]):
+            continue
+        if copy and series in (f"{kind}_eager" for kind in KINDS):
             continue
         if flag == "throttled":
             mhz = row.get(f"{series}_sm_mhz")

@@ -162,6 +162,13 @@ def test_one_config_table_still_names_the_baselines_family(swept):
     assert "eager_math [math]" in text.splitlines()[2]
 
 
+def test_timing_conditions_name_the_first_baseline_once():
+    row = {"baseline": "sdpa_is_causal", "baselines": "sdpa,eager_math",
+           "fwd_sdpa_unconverged": 1.0, "fwd_eager_unconverged": 1.0,
+           "fwd_eager_math_throttled": 1.0, "fwd_eager_math_sm_mhz": 1500.0}
+    assert report.flagged(row) == ["fwd_eager_math throttled (1500 MHz)", "fwd_sdpa_unconverged"]
+
+
 def test_compare_never_pairs_different_first_baselines(swept):
     base = report.row_from_record(swept["causal"])
     other = copy.deepcopy(base)
