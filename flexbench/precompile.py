@@ -21,6 +21,7 @@ pool (normally or by an exception) kills every worker with its compiler children
 from __future__ import annotations
 
 import json
+import logging
 import os
 import selectors
 import signal
@@ -371,9 +372,15 @@ def compile_cache(path: str | None, warn=print) -> Iterator[None]:
     if not path:
         yield
         return
-    load_artifacts(Path(path), warn)
+    try:
+        load_artifacts(Path(path), warn)
+    except OSError as exc:
+        warn(f"warning: compile cache not loaded ({exc}); compiling without it")
     yield
-    save_artifacts(Path(path), warn)
+    try:
+        save_artifacts(Path(path), warn)
+    except OSError as exc:
+        warn(f"warning: compile cache not saved ({exc}); check the --compile-cache path")
 
 
 def load_artifacts(path: Path, warn=print) -> int:
@@ -382,9 +389,19 @@ def load_artifacts(path: Path, warn=print) -> int:
 
     if not path.exists():
         return 0
-    info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    blob = path.read_bytes()
+    quiet = logging.getLogger("torch.compiler._cache")  # its traceback: our one line instead
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        info = torch.compiler.load_cache_artifacts(blob)
+    finally:
+        quiet.setLevel(level)
     if info is None:
-        warn(f"warning: {path} holds no compile cache torch {torch.__version__} can read; ignored")
+        warn(
+            f"warning: {path} holds no compile cache torch {torch.__version__} can read; "
+            "ignored (and replaced after the sweep)"
+        )
         return 0
     return sum(len(keys) for keys in info.artifacts.values())
 

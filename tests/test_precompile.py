@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from torch._dynamo.utils import counters
 
@@ -180,3 +181,18 @@ def test_a_worker_that_cannot_start_leaves_its_configs_to_the_sweep(tmp_path, mo
         ready = [pool.take(i) for i in range(len(configs))]
     assert [r.failed for r in ready] == [None, None, None]
     assert "exited at start (exit code 1: broken environment)" in capsys.readouterr().err
+
+
+def test_compile_cache_file_round_trip(swept, tmp_path, monkeypatch):
+    """--compile-cache: what this process compiled or loaded, saved to a file, fills an empty
+    cache elsewhere; a file torch cannot read is one warning, nothing loaded."""
+    path, warnings = tmp_path / "compile.bin", []
+    assert precompile.save_artifacts(path, warnings.append) > 0
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(elsewhere))
+    assert precompile.load_artifacts(path, warnings.append) > 0
+    assert any((elsewhere / "fxgraph").rglob("*"))  # FX-graph entries written into the cache
+    path.write_bytes(b"not a cache")
+    assert precompile.load_artifacts(path, warnings.append) == 0
+    assert warnings == [f"warning: {path} holds no compile cache torch "
+                        f"{torch.__version__} can read; ignored (and replaced after the sweep)"]
