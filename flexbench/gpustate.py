@@ -42,6 +42,13 @@ class Gpu:
         """The highest SM clock this GPU can run at (its boost clock), MHz."""
         return float(self._nvml.nvmlDeviceGetMaxClockInfo(self._handle, self._nvml.NVML_CLOCK_SM))
 
+    def free_memory_bytes(self) -> int | None:
+        """Free device memory (all processes counted), bytes; None if NVML cannot say."""
+        try:
+            return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).free)
+        except self._nvml.NVMLError:
+            return None
+
     def limits(self) -> dict[str, str]:
         """Tags: maximum SM clock and the enforced power limit."""
         nv, h = self._nvml, self._handle

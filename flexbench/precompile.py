@@ -41,6 +41,7 @@ from flexbench.config import BenchConfig
 
 AUTO = "auto"
 WORKER_MEM_BYTES = 3 * 2**30  # host memory one CUDA compile worker may take (torch, inductor)
+WORKER_GPU_BYTES = 3 * 2**30  # GPU memory: its CUDA context, one large config's tensors
 POLL_S = 0.2  # the pool's thread looks at stop requests this often
 EXIT_GRACE_S = 2.0  # a worker told to stop (stdin closed) gets this long before SIGTERM
 KILL_GRACE_S = 5.0  # ...and this long after SIGTERM before SIGKILL
@@ -55,14 +56,26 @@ def eligible(c: BenchConfig) -> bool:
 
 def default_workers(configs: Sequence[BenchConfig], processes: int = 1) -> int:
     """`--compile-workers auto`: on CUDA, one worker per CPU core the `processes` measuring
-    processes leave free, capped by host memory (WORKER_MEM_BYTES each) and by the configs
-    left after the first; on CPU none (compiling next to CPU timing would perturb it)."""
+    processes leave free, capped by host memory (WORKER_MEM_BYTES each), by half the GPU's
+    free memory (WORKER_GPU_BYTES each) and by the configs left after the first; on CPU
+    none (compiling next to CPU timing would perturb it)."""
     todo = sum(eligible(c) for c in configs)
     if todo < 2 or any(c.device != "cuda" for c in configs):
         return 0
     cores = len(os.sched_getaffinity(0)) // processes - 1
     memory = _available_memory() // processes // WORKER_MEM_BYTES
-    return max(0, min(todo - 1, cores, memory))
+    gpu_free = _gpu_free_memory()
+    gpu = cores if gpu_free is None else gpu_free // 2 // WORKER_GPU_BYTES
+    return max(0, min(todo - 1, cores, memory, gpu))
+
+
+def _gpu_free_memory() -> int | None:
+    """Free memory of the first visible GPU, by NVML (no CUDA context made); None if unknown."""
+    from flexbench import gpustate
+
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    gpu = gpustate.open_gpu(int(first)) if first.isdigit() else None
+    return gpu.free_memory_bytes() if gpu is not None else None
 
 
 def _available_memory() -> int:

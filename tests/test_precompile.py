@@ -143,11 +143,13 @@ def test_ctrl_c_leaves_no_compile_worker(fresh_cache, mlflow_server):
     assert not any(_group_alive(pid) for pid in workers)  # workers and their compilers
 
 
-def test_compile_workers_count():
-    cuda = [BenchConfig(q_len=s, device="cuda", batch=1, heads=2, head_dim=16) for s in (64, 128)]
+def test_compile_workers_count(monkeypatch):
+    cuda = [BenchConfig(q_len=s, device="cuda", batch=1, heads=2, head_dim=16) for s in range(1, 9)]
     assert precompile.resolve_workers("auto", SWEEP) == 0  # CPU: compiling would perturb timing
     assert precompile.resolve_workers("auto", cuda[:1]) == 0  # one config: nothing to overlap
-    assert 0 <= precompile.resolve_workers("auto", cuda) <= 1
+    assert 0 <= precompile.resolve_workers("auto", cuda[:2]) <= 1
+    monkeypatch.setattr(precompile, "_gpu_free_memory", lambda: 12 * 2**30)  # a small GPU
+    assert precompile.resolve_workers("auto", cuda) <= 2  # half of 12 GiB, 3 GiB each
     assert precompile.resolve_workers(3, SWEEP) == 3
     with pytest.raises(ValueError, match="must be >= 0"):
         precompile.resolve_workers(-1, SWEEP)
