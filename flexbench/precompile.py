@@ -237,10 +237,8 @@ class Pool:
             return
         index = message["index"]
         failed = None
-        if message["error"] is not None:
-            failed = measure.Result(
-                self.configs[index], message["metrics"], message["error"], message["baseline"]
-            )
+        if message["result"]["error"] is not None:
+            failed = measure.Result(self.configs[index], **message["result"])
         w.task = None
         self._assign(w)  # before settling: the next config is taken before the sweep moves on
         self._settle(index, failed)
@@ -273,7 +271,7 @@ class Pool:
         error = f"compile worker died ({describe_exit(code)}) compiling this config"
         tail = last_line(w.log)
         error = (error + (f": {tail}" if tail else ""))[:300]
-        self._settle(w.task, measure.Result(self.configs[w.task], {}, error))
+        self._settle(w.task, measure.Result(self.configs[w.task], error=error))
         if self._queue and not self._stop.is_set():
             self._spawn()
 
@@ -448,8 +446,8 @@ def worker(settings: str, fd: str) -> int:
         for line in sys.stdin:
             task = json.loads(line)
             r = bench.run(BenchConfig(**task["config"]), measure.compile_only)
-            reply = {"index": task["index"], "error": r.error, "metrics": r.metrics}
-            out.write(json.dumps({**reply, "baseline": r.baseline}) + "\n")
+            kept = {"error": r.error, "metrics": r.metrics, "baseline": r.baseline, "tags": r.tags}
+            out.write(json.dumps({"index": task["index"], "result": kept}) + "\n")
     return 0
 
 
