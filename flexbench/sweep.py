@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from flexbench import env, history, measure, patience, precompile, report, repro, tracking
+from flexbench import env, history, leftovers, measure, patience, precompile, report, repro, tracking
 from flexbench.config import BenchConfig, configs_from_file, expand_sweep, shard
 
 
@@ -133,7 +133,7 @@ def run_sweep(
     """
     start = time.perf_counter()
     device = configs[0].device if configs else "cpu"
-    tracker, tags = connect(experiment, tracking_uri, journal, device, tracking_timeout)
+    tracker, tags = connect(experiment, tracking_uri, journal, device, tracking_timeout, warn)
     out = Outcome(sweep_id or new_sweep_id(), journal=str(tracker.journal.path))
     configs = _resume(configs, tracker, tags, out, warn) if resume else list(configs)
     sweep = sweep_entry(
@@ -211,13 +211,20 @@ def connect(
     journal: str | None,
     device: str,
     timeout_s: float = patience.DEFAULT_TIMEOUT_S,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[tracking.Tracker, dict[str, str]]:
     """A Tracker that has tried to reach the server (offline if not), and the env tags;
-    `timeout_s` is how long one tracking step may wait on a busy server."""
+    `timeout_s` is how long one tracking step may wait on a busy server. `warn` hears of runs
+    a failed `mlflow run` had left RUNNING, now closed."""
     uri = tracking.resolve_uri(tracking_uri)
     tracker = tracking.Tracker(uri, experiment, tracking.Journal(journal), timeout_s=timeout_s)
     tags = env.capture(device)
     tracker.connect()
+    if tracker.closed and warn is not None:
+        warn(
+            f"note: closed {len(tracker.closed)} run(s) that a failed `mlflow run` had left "
+            f"RUNNING ({', '.join(tracker.closed)}) as FAILED, tag {leftovers.REASON_TAG}"
+        )
     return tracker, tags
 
 

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexbench import html_report, patience, report
+from flexbench import html_report, leftovers, patience, report
 
 SWEEP_ID_TAG = "flexbench.sweep_id"
 CONFIG_KEY_TAG = "flexbench.config_key"
@@ -381,6 +381,7 @@ class Tracker:
     under_mlflow_run: bool = False
     timeout_s: float = patience.DEFAULT_TIMEOUT_S
     waits: int = 0  # tracking steps tried again because the server was slow
+    closed: list[str] = field(default_factory=list)  # runs a failed `mlflow run` left RUNNING
     tracking_s: float = 0.0
     background_s: float = 0.0
     _sweep: dict = field(default_factory=dict)
@@ -429,7 +430,18 @@ class Tracker:
                 self.exp_id = experiment_id(self.client, self.experiment)
 
         self._call(go)
+        if not self.offline:
+            self._close_leftovers()
         return not self.offline
+
+    def _close_leftovers(self) -> None:
+        """Close the runs a failed `mlflow run` left RUNNING in this experiment (`leftovers`).
+        A courtesy to the experiment: its failure never takes this sweep offline."""
+        try:
+            with fast_http(self.timeout_s):
+                self.closed = leftovers.close_leftovers(self.client, self.exp_id, self.run_id)
+        except Exception:  # noqa: BLE001 - e.g. no permission on someone's run: leave it
+            self.closed = []
 
     def resume_keys(self, env: dict[str, str]) -> set[str] | None:
         keys = self._call(resume_keys, self.client, self.exp_id, env)

@@ -380,7 +380,7 @@ def tune_sweep(
     shared), log them as described in the module docstring, tag each config's best."""
     start = time.perf_counter()
     device = plans[0].base.device if plans else "cpu"
-    tracker, tags = sweep.connect(experiment, tracking_uri, journal, device, tracking_timeout)
+    tracker, tags = sweep.connect(experiment, tracking_uri, journal, device, tracking_timeout, warn)
     out = TuneOutcome(sweep.new_sweep_id(), journal=str(tracker.journal.path))
     entry = sweep.sweep_entry(
         out.sweep_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -97,3 +98,56 @@ def test_conda_env_agrees_with_pyproject():
     got["torch"] = torch.removeprefix("pytorch-gpu")
     assert got == wanted
     assert any(d.startswith("python=3.") for d in conda_pkgs)
+
+
+# --- a run left RUNNING by an `mlflow run` that failed before flexbench started -------------
+
+
+def failed_mlflow_run(uri: str, experiment: str, where: Path) -> subprocess.CompletedProcess:
+    """The README's conda form where conda is missing (MLFLOW_CONDA_HOME points nowhere):
+    MLflow creates the run, cannot build the environment, exits and leaves it RUNNING."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_CONDA_HOME": str(where / "none")}
+    cmd = [str(BIN / "mlflow"), "run", ".", "--experiment-name", experiment, "-P", "mods=causal"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def sleeper(argv: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
+    code = "import time; time.sleep(300)"
+    return subprocess.Popen([sys.executable, "-c", code, *argv], env={**os.environ, **(env or {})})
+
+
+def test_run_left_by_failed_mlflow_run_is_closed_and_live_ones_are_not(mlflow_server, tmp_path):
+    from flexbench import leftovers, sweep
+
+    experiment = f"leftover-{uuid.uuid4().hex[:8]}"
+    failed = failed_mlflow_run(mlflow_server.uri, experiment, tmp_path)
+    assert failed.returncode != 0 and "Could not find Conda executable" in failed.stderr
+    client = MlflowClient(mlflow_server.uri)
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    (left,) = client.search_runs([exp_id])
+    assert left.info.status == "RUNNING"  # what MLflow leaves behind
+
+    while time.time() < left.info.start_time / 1000 + leftovers.STARTED_SLACK_S + 1:
+        time.sleep(0.2)
+    building = sleeper(("mlflow", "run", "."))  # an `mlflow run` still building its environment
+    time.sleep(1)
+    project_tags = {k: v for k, v in left.data.tags.items() if k != "mlflow.runName"}
+    young = client.create_run(exp_id, tags=project_tags).info.run_id
+    entry = client.create_run(exp_id, tags=project_tags).info.run_id
+    running = sleeper(env={"MLFLOW_RUN_ID": entry})  # its entry point runs, not flexbench
+    try:
+        notes: list[str] = []
+        sweep.connect(experiment, mlflow_server.uri, str(tmp_path / "j.jsonl"), "cpu",
+                      warn=notes.append)
+        status = {r.info.run_id: r.info.status for r in client.search_runs([exp_id])}
+    finally:
+        for proc in (building, running):
+            proc.kill()
+            proc.wait()
+    assert status == {left.info.run_id: "FAILED", young: "RUNNING", entry: "RUNNING"}
+    closed = client.get_run(left.info.run_id)
+    assert "--env-manager local" in closed.data.tags[leftovers.REASON_TAG]
+    assert notes == [
+        f"note: closed 1 run(s) that a failed `mlflow run` had left RUNNING "
+        f"({left.info.run_id}) as FAILED, tag {leftovers.REASON_TAG}"
+    ]

@@ -1,0 +1,100 @@
+"""Runs that `mlflow run` left RUNNING before flexbench ever started, and closing them.
+
+`mlflow run .` creates its run first and builds the project's environment after; when that
+fails (no conda: "Could not find Conda executable"), MLflow exits and the run stays RUNNING
+forever. The next flexbench command that opens the experiment closes such a run as FAILED,
+with a tag saying why, but only when no process on this host can still own it: no `mlflow run`
+started before it (one may still be building its environment) and no process carrying its
+MLFLOW_RUN_ID. Runs flexbench has started (tag flexbench.kind) are never touched here, nor runs
+of another user or of a project path this host does not have. Linux only (/proc); elsewhere
+nothing is closed.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+REASON_TAG = "flexbench.closed_reason"
+REASON = (
+    "left RUNNING by `mlflow run`, whose process ended before flexbench started (e.g. "
+    "'Could not find Conda executable': add --env-manager local); closed by flexbench"
+)
+STARTED_SLACK_S = 2.0  # an `mlflow run` started this long after the run cannot own it
+PROC = Path("/proc")
+LEFT = (
+    "attributes.status = 'RUNNING' and tags.`mlflow.source.type` = 'PROJECT' "
+    "and tags.`mlflow.user` = {user}"
+)
+
+
+def close_leftovers(client, exp_id: str, own_run_id: str = "") -> list[str]:
+    """Close (FAILED, tag `flexbench.closed_reason`) every run of the experiment that a failed
+    `mlflow run` left RUNNING; returns their run ids."""
+    from flexbench.tracking import KIND_TAG, quote, search_all
+
+    if not PROC.is_dir():
+        return []
+    query = LEFT.format(user=quote(getpass.getuser()))
+    left = [
+        r
+        for r in search_all(client, [exp_id], query)
+        if KIND_TAG not in r.data.tags and r.info.run_id != own_run_id and _from_here(r)
+    ]
+    if not left:
+        return []
+    processes = list(_processes())
+    closed = []
+    for run in left:
+        if not any(_may_own(p, run) for p in processes):
+            client.set_tag(run.info.run_id, REASON_TAG, REASON)
+            client.set_terminated(run.info.run_id, "FAILED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def _from_here(run) -> bool:
+    """The run's project is a directory on this host (`mlflow.source.name` file:// or path)."""
+    source = run.data.tags.get("mlflow.source.name", "")
+    path = urlparse(source).path if source.startswith("file:") else source
+    return bool(path) and Path(path.split("#")[0]).exists()
+
+
+def _processes() -> Iterator[tuple[list[str], dict[str, str], float]]:
+    """(argv, environment, start time in seconds since the epoch) of each process this user
+    may read."""
+    boot = _boot_time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        started = boot + int(stat.rsplit(")", 1)[1].split()[19]) / ticks
+        env = dict(v.decode(errors="replace").partition("=")[::2] for v in environ if v)
+        yield [a.decode(errors="replace") for a in argv if a], env, started
+
+
+def _boot_time() -> float:
+    for line in (PROC / "stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _may_own(process: tuple[list[str], dict[str, str], float], run) -> bool:
+    """The process runs the run's entry point (its MLFLOW_RUN_ID), or is an `mlflow run`
+    that started before the run (it may still be building the environment)."""
+    argv, env, started = process
+    if env.get("MLFLOW_RUN_ID") == run.info.run_id:
+        return True
+    names = [os.path.basename(a) for a in argv]
+    is_mlflow_run = any(n == "mlflow" and nxt == "run" for n, nxt in zip(names, names[1:]))
+    return is_mlflow_run and started <= run.info.start_time / 1000 + STARTED_SLACK_S
