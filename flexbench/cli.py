@@ -28,10 +28,16 @@ def _split(values: tuple[str, ...]) -> list[str]:
     return [v.strip() for raw in values for v in str(raw).split(",") if v.strip()]
 
 
+def _not_auto(values: tuple[str, ...]) -> tuple[str, ...]:
+    """`auto` (MLproject's default for sizes and dtype) means: not given."""
+    return () if [str(v).strip().lower() for v in values] == ["auto"] else values
+
+
 def int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[int]:
-    """Comma lists or repeated flags of whole numbers > 0."""
+    """Comma lists or repeated flags of whole numbers > 0; `auto` (or nothing): the device's
+    default."""
     out = []
-    for v in _split(values):
+    for v in _split(_not_auto(values)):
         try:
             n = int(v)
         except ValueError:
@@ -85,8 +91,9 @@ DTYPE = click.Choice(["float16", "bfloat16", "float32"])
 
 
 def dtype_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
-    """dtype names, each checked now so a typo fails before anything runs."""
-    names = _split(values)
+    """dtype names, each checked now so a typo fails before anything runs; `auto` (or nothing):
+    the device's default."""
+    names = _split(_not_auto(values))
     for name in names:
         if name not in DTYPE.choices:
             raise click.BadParameter(f"unknown dtype '{name}'; use {', '.join(DTYPE.choices)}")
@@ -186,37 +193,29 @@ def _default_device(device: str) -> str:
     "-b",
     "batch",
     multiple=True,
-    default=("2,8,16",),
     callback=int_list,
-    show_default=True,
-    help="batch sizes",
+    help="batch sizes [default: 2,8,16 on CUDA, 1 on CPU]",
 )
 @click.option(
     "-nh",
     "heads",
     multiple=True,
-    default=("16",),
     callback=int_list,
-    show_default=True,
-    help="query heads",
+    help="query heads [default: 16 on CUDA, 4 on CPU]",
 )
 @click.option(
     "-s",
     "seq_lens",
     multiple=True,
-    default=("512,1024,4096",),
     callback=int_list,
-    show_default=True,
-    help="(query) sequence lengths",
+    help="(query) sequence lengths [default: 512,1024,4096 on CUDA, 256 on CPU]",
 )
 @click.option(
     "-d",
     "head_dims",
     multiple=True,
-    default=("64,128",),
     callback=int_list,
-    show_default=True,
-    help="head dims",
+    help="head dims [default: 64,128 on CUDA, 64 on CPU]",
 )
 @click.option(
     "-mods",
@@ -233,10 +232,8 @@ def _default_device(device: str) -> str:
     "--dtype",
     "dtypes",
     multiple=True,
-    default=("bfloat16",),
     callback=dtype_list,
-    show_default=True,
-    help="float16, bfloat16, float32",
+    help="float16, bfloat16, float32 [default: bfloat16 on CUDA, float32 on CPU]",
 )
 @click.option(
     "--kv-heads",
@@ -247,7 +244,7 @@ def _default_device(device: str) -> str:
 @click.option(
     "--kv-len", "kv_lens", multiple=True, callback=int_list, help="key/value lengths; default = -s"
 )
-@click.option("--decode", is_flag=True, help="decoding: q_len 1 against kv_len (--kv-len or -s)")
+@switch("--decode", "decoding: q_len 1 against kv_len (--kv-len or -s)")
 @switch("--calculate-bwd", "time backward too (needs CUDA)")
 @switch("--dynamic", "compile flex with dynamic shapes")
 @switch("--max-autotune", "max-autotune compile")
@@ -340,7 +337,7 @@ def _default_device(device: str) -> str:
     "results go to the journal only; a refused connection gives up at once",
 )
 @click.option("--run-name", default=None, help="name of the sweep run")
-@click.option("--resume", is_flag=True, help="skip configs already FINISHED on this stack")
+@switch("--resume", "skip configs already FINISHED on this stack")
 @click.option(
     "--journal",
     default=None,
@@ -395,9 +392,6 @@ def run(**opts: object) -> None:
 
     if opts["config_file"]:
         _no_shape_options(click.get_current_context())
-
-    gpu_auto = opts["gpus"] and opts["device"] == "auto"  # workers are CUDA: no CPU fallback
-    opts["device"] = "cuda" if gpu_auto else _default_device(str(opts["device"]))
     outcome = _call_api(api.run, opts)
     if outcome.records:
         click.echo(outcome.tables())
@@ -547,6 +541,16 @@ def percent(ctx: click.Context, param: click.Parameter, value: str) -> float:
     return fraction
 
 
+def experiment_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """'' (MLproject's default): the experiment `mlflow run` runs this entry point in (where
+    its `main` entry point logged the sweeps), else flexbench."""
+    if value:
+        return value
+    from flexbench import query
+
+    return query.mlflow_run_experiment() or "flexbench"
+
+
 def reading(f: Callable) -> Callable:
     """--tracking-uri, --experiment and --format of the commands that read the server."""
     f = click.option("--format", "fmt", type=REPORT_FORMAT, default="table", show_default=True)(f)
@@ -559,7 +563,8 @@ def store(f: Callable) -> Callable:
         "--experiment",
         default="flexbench",
         show_default=True,
-        help="MLflow experiment (by name, also under `mlflow run`)",
+        callback=experiment_name,
+        help="MLflow experiment (by name); '' under `mlflow run`: the experiment it runs in",
     )(f)
     return click.option(
         "--tracking-uri",
@@ -827,7 +832,7 @@ TUNE_SHARED = {
     "seq_lens": ("4096",),
     "head_dims": ("128",),
     "score_mods": ("noop,causal",),
-    "dtypes": None,
+    "dtypes": ("bfloat16",),
     "kv_heads": None,
     "kv_lens": None,
     "decode": None,
@@ -856,8 +861,9 @@ def _shared_option(name: str, default: object) -> click.Parameter:
     if not found:
         raise RuntimeError(f"flexbench tune shares run's option '{name}', which run lacks")
     option = copy.copy(found[0])
-    if default is not None:
-        option.default = default
+    if default is not None:  # tune's own default, not run's device-dependent one
+        option.default, option.show_default = default, True
+        option.help = (option.help or "").split(" [default")[0]
     return option
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from flexbench import baselines, mods
+from flexbench import baselines, flops, mods
 
 DTYPES = ("float16", "bfloat16", "float32")
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -27,6 +27,33 @@ FLEX_BACKENDS = ("auto", "triton", "flash", "triton_decode")  # kernel_options B
 # measured before keeps its key (--resume still finds it).
 KEY_DEFAULTS = {"baselines": baselines.DEFAULT, "flex_backend": "auto"}
 KERNEL_OPTION_TYPES = (int, float, bool, str)
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+# What a sweep measures when the command line gives no sizes or dtype: the seed's sweep on a
+# GPU; on a CPU (forward only, about half a minute per mod on 2 cores, mostly compiling) one
+# small float32 shape: the seed's would take hours and up to ~34 GB.
+SIZE_DEFAULTS = {
+    "cuda": {
+        "batch": [2, 8, 16],
+        "heads": [16],
+        "seq_lens": [512, 1024, 4096],
+        "head_dims": [64, 128],
+        "dtypes": ["bfloat16"],
+    },
+    "cpu": {
+        "batch": [1],
+        "heads": [4],
+        "seq_lens": [256],
+        "head_dims": [64],
+        "dtypes": ["float32"],
+    },
+}
+SIZE_FLAGS = {
+    "batch": "-b",
+    "heads": "-nh",
+    "seq_lens": "-s",
+    "head_dims": "-d",
+    "dtypes": "-dtype",
+}
 
 
 def _positive(name: str, value: object) -> None:
@@ -221,6 +248,24 @@ class BenchConfig:
         }
         p.update({f"ko_{k}": v for k, v in self.kernel_options_dict.items()})
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in p.items()}
+
+
+def device_sizes(device: str, **given: Sequence) -> tuple[dict[str, list], list[str]]:
+    """Sizes and dtypes (`batch`, `heads`, `seq_lens`, `head_dims`, `dtypes`) with each one
+    not given (empty) set to the device's default; also those defaults as flags, e.g.
+    `-b 1`."""
+    defaults = SIZE_DEFAULTS[device]
+    sizes = {k: list(given.get(k) or defaults[k]) for k in SIZE_FLAGS}
+    filled = [
+        f"{SIZE_FLAGS[k]} {','.join(map(str, defaults[k]))}" for k in SIZE_FLAGS if not given.get(k)
+    ]
+    return sizes, filled
+
+
+def peak_bytes(c: BenchConfig) -> int:
+    """Upper estimate of the memory one CPU config needs, from its shape."""
+    args = (c.batch, c.heads, c.kv_heads, c.q_len, c.kv_len, c.head_dim, ITEMSIZE[c.dtype])
+    return flops.cpu_peak_bytes(*args)
 
 
 def expand_sweep(

@@ -37,6 +37,17 @@ def kv_bytes(batch: int, kv_heads: int, kv_len: int, head_dim: int, itemsize: in
     return 2 * batch * kv_heads * kv_len * head_dim * itemsize
 
 
+def cpu_peak_bytes(
+    batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, head_dim: int, itemsize: int
+) -> int:
+    """An upper estimate of one CPU config's memory, from its shape alone."""
+    tensors = (2 * batch * heads * q_len + 2 * batch * kv_heads * kv_len) * head_dim * itemsize
+    reference_out = batch * heads * q_len * head_dim * 8  # float64 reference output
+    baseline_scores = batch * heads * q_len * kv_len * 4  # a dense (eager math) baseline
+    reference_scores = 3 * heads * q_len * kv_len * 8  # scores, mask, softmax: one batch element
+    return tensors + reference_out + baseline_scores + reference_scores
+
+
 def tbps(nbytes: float, microseconds: float) -> float:
     """TB/s for `nbytes` moved in `microseconds`."""
     return nbytes / (microseconds * 1e-6) / 1e12

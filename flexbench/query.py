@@ -406,6 +406,19 @@ def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.resolve_uri(None)
 
 
+def mlflow_run_experiment() -> str | None:
+    """Name of the experiment `mlflow run` runs this process in (MLFLOW_EXPERIMENT_ID), or
+    None outside `mlflow run` or when the server cannot say."""
+    exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not exp_id:
+        return None
+    try:
+        with tracking.fast_http():
+            return tracking.client_for(resolve_uri(None)).get_experiment(exp_id).name
+    except Exception:  # noqa: BLE001 - then the default experiment; the read names any failure
+        return None
+
+
 def is_database(uri: str) -> bool:
     """A database store (`sqlite:///…`, `postgresql+psycopg2://…`) rather than a server."""
     return uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES

@@ -19,8 +19,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from flexbench import env, history, leftovers, measure, patience, precompile, report, repro, tracking
-from flexbench.config import BenchConfig, configs_from_file, expand_sweep, shard
+from flexbench import (
+    env,
+    history,
+    leftovers,
+    measure,
+    mlflow_view,
+    patience,
+    precompile,
+    report,
+    repro,
+    tracking,
+)
+from flexbench.config import (
+    BenchConfig,
+    configs_from_file,
+    device_sizes,
+    expand_sweep,
+    peak_bytes,
+    shard,
+)
 
 
 @dataclass
@@ -263,12 +281,12 @@ def warn_offline(
 
 
 def run(
-    batch: Sequence[int],
-    heads: Sequence[int],
-    seq_lens: Sequence[int],
-    head_dims: Sequence[int],
-    score_mods: Sequence[str],
-    dtypes: Sequence[str] = ("bfloat16",),
+    batch: Sequence[int] = (),
+    heads: Sequence[int] = (),
+    seq_lens: Sequence[int] = (),
+    head_dims: Sequence[int] = (),
+    score_mods: Sequence[str] = ("noop", "causal", "rel", "head_bias"),
+    dtypes: Sequence[str] = (),
     kv_heads: Sequence[int] = (),
     kv_lens: Sequence[int] = (),
     decode: bool = False,
@@ -304,13 +322,22 @@ def run(
     bad input), check the device (RuntimeError), then measure and track it: all of it, its
     `shard` (I, N) slice, or that slice spread over local `gpus` (ids or "all"), one worker
     process per GPU; each measuring process with `compile_workers` compile workers (a count
-    or auto)."""
+    or auto).
+
+    `device` "auto" is cuda when there is one (or `gpus`), else cpu. Sizes and dtypes left
+    empty take the device's defaults (`config.SIZE_DEFAULTS`: the seed's sweep on CUDA, one
+    small float32 shape on CPU); a CPU sweep first says its size and memory per config."""
+    warn = warn or warn_stderr
+    auto = device == "auto"
+    device = resolve_device(device, gpus)
     gpu_ids = visible_gpus(gpus) if gpus else []
     if gpu_ids and device != "cuda":
         raise ValueError("--gpus runs one CUDA worker per GPU; drop --device cpu")
     if gpu_ids and compile_cache:
         raise ValueError("--compile-cache is for one measuring process; drop it or --gpus")
     measure.check_runtime(device, calculate_bwd)
+    given = dict(batch=batch, heads=heads, seq_lens=seq_lens, head_dims=head_dims, dtypes=dtypes)
+    sizes, filled = device_sizes(device, **given)
     common = dict(
         calculate_bwd=calculate_bwd,
         dynamic=dynamic,
@@ -326,18 +353,19 @@ def run(
         baselines=baselines,
     )
     if config_file:
+        filled = []
         configs, sha = configs_from_file(config_file, **common)
         configs = [replace(c, flex_backend=b) for c in configs for b in flex_backends or ["auto"]]
         args = {"config_file": config_file, "config_sha": sha, **common, "configs": len(configs)}
         args["baseline"] = args.pop("baselines")
     else:
         configs, args = configs_from_args(
-            batch,
-            heads,
-            seq_lens,
-            head_dims,
+            sizes["batch"],
+            sizes["heads"],
+            sizes["seq_lens"],
+            sizes["head_dims"],
             score_mods,
-            dtypes,
+            sizes["dtypes"],
             kv_heads,
             kv_lens,
             decode,
@@ -346,6 +374,9 @@ def run(
         )
     workers = precompile.resolve_workers(compile_workers, configs, len(gpu_ids) or 1)
     params = sweep_params(**args, compile_workers=workers, compile_cache=compile_cache or "")
+    line = plan_line(configs, device, filled, auto)
+    if line:
+        warn(line)
     track = {
         "experiment": experiment,
         "tracking_uri": tracking_uri,
@@ -357,7 +388,38 @@ def run(
         "compile_workers": workers,
         "compile_cache": compile_cache,
     }
-    return run_parts(configs, params, track, shard, gpu_ids, not quiet, warn or warn_stderr)
+    return run_parts(configs, params, track, shard, gpu_ids, not quiet, warn)
+
+
+def resolve_device(device: str, gpus: Sequence[int] | str | None = None) -> str:
+    """`auto`: cuda when torch sees a GPU (or `gpus` asks for CUDA workers), else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if gpus or torch.cuda.is_available() else "cpu"
+
+
+def plan_line(
+    configs: Sequence[BenchConfig], device: str, filled: Sequence[str], auto: bool
+) -> str:
+    """A CPU sweep's first line: the defaults it took (and how to choose others), how many
+    configs and the memory of the largest ('' on CUDA)."""
+    if device != "cpu" or not configs:
+        return ""
+    big = max(configs, key=peak_bytes)
+    where = "no CUDA device here, running on CPU" if auto else "CPU sweep"
+    if filled:
+        flags = "/".join(f.split()[0] for f in filled)
+        where += f" with CPU-sized defaults {' '.join(filled)} (give {flags} to choose)"
+    return (
+        f"{where}: {len(configs)} configs, forward only, each up to about "
+        f"{human_bytes(peak_bytes(big))} of memory ({big.run_name()})"
+    )
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{max(1, round(n / 2**20))} MB"
 
 
 # --- sharding: one slice here, or one worker process per local GPU ---------------------------
@@ -588,12 +650,14 @@ def next_commands(out: Outcome, experiment: str, tracking_uri: str | None = None
 
 def ui_hint(uri: str, experiment_id: str) -> str:
     """Where the runs table of the experiment is: a server's page, or `mlflow ui` on a store."""
-    page = f"/#/experiments/{experiment_id}/runs" if experiment_id else ""
     here = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     uri = "sqlite:///mlflow.db" if uri == here else uri  # MLflow's default, as README has it
-    if uri.startswith(("http://", "https://")):
-        return f"the runs: {tracking.redact(uri).rstrip('/')}{page}"
-    return f"mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000{page}"
+    web = uri.startswith(("http://", "https://"))
+    base = tracking.redact(uri) if web else "http://127.0.0.1:5000"
+    page = mlflow_view.runs_page(base, experiment_id) if experiment_id else base
+    if web:
+        return f"the runs: {page}"
+    return f"mlflow ui --backend-store-uri {uri}   # then open {page}"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexbench import html_report, leftovers, patience, report
+from flexbench import html_report, leftovers, mlflow_view, patience, report
 
 SWEEP_ID_TAG = "flexbench.sweep_id"
 CONFIG_KEY_TAG = "flexbench.config_key"
@@ -33,6 +33,7 @@ NOTE_TAG = "mlflow.note.content"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RESUME_MATCH = ("torch", "triton", "gpu")
 DEFAULT_JOURNAL = Path(".flexbench") / "journal.jsonl"
+MLFLOW_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,3}")  # MLflow's random run names: learned-slug-384
 NOTE_MAX_CHARS = 7900  # MLflow rejects tag values over 8000 characters
 SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 PAGE = 1000
@@ -158,7 +159,7 @@ def experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+            return client.create_experiment(name, tags=experiment_tags())
         except MlflowException:
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -171,10 +172,17 @@ def experiment_id(client, name: str) -> str:
     return exp.experiment_id
 
 
+def experiment_tags() -> dict[str, str]:
+    """Open the experiment on its runs table in MLflow 3's UI (not the GenAI overview), and
+    offer flexbench's view of that table (`mlflow_view`)."""
+    return {**EXPERIMENT_KIND, mlflow_view.VIEW_TAG: mlflow_view.view_state()}
+
+
 def tag_experiment_kind(client, exp) -> None:
-    """Open the experiment on its runs table in MLflow 3's UI (not the GenAI overview)."""
-    if exp.tags.get("mlflow.experimentKind") is None:
-        client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    """`experiment_tags` on an experiment that lacks them (one call each, once)."""
+    for key, value in experiment_tags().items():
+        if exp.tags.get(key) is None:
+            client.set_experiment_tag(exp.experiment_id, key, value)
 
 
 def search_all(client, experiment_ids: list[str], filter_string: str = "") -> Iterator:
@@ -284,7 +292,8 @@ def existing_run(client, exp_id: str, tag: str, value: str, more: str = "") -> s
 
 
 def start_sweep_run(client, exp_id: str, sweep: dict) -> str:
-    """The sweep run: MLFLOW_RUN_ID's run under `mlflow run`, else a new top-level run.
+    """The sweep run: MLFLOW_RUN_ID's run under `mlflow run` (renamed from MLflow's random
+    name to the sweep's, unless the user named it), else a new top-level run.
 
     Its tags go in with `create_run`, so a later `sync` finds it even if the server died
     right after; a sweep run that already exists (by part id) is reused, never duplicated.
@@ -304,7 +313,10 @@ def start_sweep_run(client, exp_id: str, sweep: dict) -> str:
         )
         run_id, existing = run.info.run_id, {}
     else:
-        existing = client.get_run(run_id).data.params
+        run = client.get_run(run_id)
+        existing = run.data.params
+        if sweep.get("run_id") and MLFLOW_NAME.fullmatch(run.info.run_name or ""):
+            client.update_run(run_id, name=sweep["run_name"])  # `sweep <id>`, as on the CLI
     params = {k: v for k, v in sweep["params"].items() if k not in existing}
     _, p, t = batch({}, params, tags, sweep["start_ms"])
     client.log_batch(run_id, params=p, tags=t)

@@ -1,21 +1,21 @@
 """The MLflow UI shows a real sweep: headless Debian Chromium (Playwright) on `mlflow server`.
 
-Opens the experiment's runs table, expands the sweep run (children sit collapsed under it),
-adds the `fwd_speedup` metric column through the UI's column selector, and checks that every
-child run's readable name and its speedup are on screen. Leaves a screenshot in the test's
-temp dir.
+Opens the experiment's runs table on flexbench's saved view (the link a sweep prints), expands
+the sweep run (children sit collapsed under it), and checks that the preset columns are there
+without picking any (speedup, shape) and that every child run's readable name and its speedup
+are on screen. Leaves a screenshot in the test's temp dir (README's docs/mlflow-runs.png is
+one).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from flexbench import sweep
+from flexbench import mlflow_view, sweep
 from flexbench.config import expand_sweep
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -30,8 +30,8 @@ CHROMIUM_ARGS = [
 ]
 UI_TIMEOUT_MS = 120_000  # the first page load compiles the UI's bundle on a busy 2-core machine
 EXPERIMENT = "browser"
-SPEEDUP_COL = "metrics.`fwd_speedup`"  # the runs table's (ag-grid) column id
-NOISE_COLUMNS = ("Dataset", "Source", "Models")  # empty for flexbench runs: make room
+SPEEDUP_COL = mlflow_view.column("metrics", "fwd_speedup")  # the runs table's column id
+SHAPE_COL = mlflow_view.column("params", "shape")
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium")
 
@@ -66,26 +66,6 @@ def ui_page(viewport: dict, shot: Path) -> Iterator:
     assert shot.stat().st_size > 10_000
 
 
-def tree_checkbox(page, title: str):
-    """The checkbox of one entry in the UI's column selector tree."""
-    name = page.locator(".du-bois-light-tree-title", has_text=re.compile(f"^{title}$"))
-    return (
-        page.locator(".du-bois-light-tree-treenode")
-        .filter(has=name)
-        .locator(".du-bois-light-tree-checkbox")
-    )
-
-
-def choose_columns(page, add: str, remove: tuple[str, ...]) -> None:
-    """Add a metric column and drop some attribute columns via the Columns selector."""
-    page.get_by_role("button", name="Columns").click()
-    for title in remove:
-        tree_checkbox(page, title).click()
-    page.get_by_placeholder("Search columns").fill(add)
-    tree_checkbox(page, add).click()
-    page.keyboard.press("Escape")
-
-
 def cell(page, run_name: str, col_id: str) -> str:
     """Text of one run's cell: the pinned name and the metric sit in separate ag-grid row
     elements that share a row-index."""
@@ -111,7 +91,7 @@ def test_child_runs_and_speedup_visible_in_mlflow_ui(mlflow_server, ui_sweep, tm
     # The table prints the full float (JS and Python print the same shortest repr): a prefix.
     speedups = [str(r["metrics"]["fwd_speedup"])[:6] for r in ui_sweep.records]
     with ui_page({"width": 1920, "height": 900}, tmp_path / "mlflow-runs.png") as page:
-        page.goto(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs")
+        page.goto(mlflow_view.runs_page(mlflow_server.uri, exp_id))
         parent = page.get_by_role("row").filter(has_text="ui sweep")
         parent.wait_for(timeout=UI_TIMEOUT_MS)
         assistant = page.get_by_role("button", name="Close")
@@ -120,12 +100,13 @@ def test_child_runs_and_speedup_visible_in_mlflow_ui(mlflow_server, ui_sweep, tm
         parent.locator('[data-component-id*="runnamecellrenderer"]').first.click()
         for name in names:
             page.get_by_text(name, exact=True).wait_for()
-        choose_columns(page, "fwd_speedup", NOISE_COLUMNS)
-        page.locator(f'[role="columnheader"][col-id="{SPEEDUP_COL}"]').wait_for()
+        for col in (SPEEDUP_COL, SHAPE_COL):  # preset by the view: nothing picked here
+            page.locator(f'[role="columnheader"][col-id="{col}"]').wait_for()
         widen_run_names(page)
         for name, speedup in zip(names, speedups):
             assert page.get_by_text(name, exact=True).is_visible()
             assert cell(page, name, SPEEDUP_COL).startswith(speedup)
+            assert cell(page, name, SHAPE_COL) == "1,2,128,16"
 
 
 def test_report_html_opens_from_the_artifact_view(mlflow_server, ui_sweep, tmp_path):

@@ -17,12 +17,20 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MLFLOW_RUN_TIMEOUT_S = 600
-CPU_PARAMS = {"mods": "causal", "device": "cpu", "b": "1", "nh": "2", "s": "128", "d": "16",
-              "dtype": "float32"}
-SEED_DEFAULTS = {"mods": "noop,causal,rel,head_bias", "b": "2,8,16", "nh": "16",
-                 "s": "512,1024,4096", "d": "64,128", "dtype": "bfloat16",
-                 "calculate_bwd": "false", "dynamic": "false", "max_autotune": "false",
-                 "device": "auto", "timer": "auto", "baseline": "sdpa", "flex_backend": "auto"}
+# On this CPU machine `device` auto resolves to cpu and the sizes to the CPU-sized defaults.
+MLFLOW_RUN_PARAMS = {"mods": "causal"}
+CPU_DEFAULT_SHAPE = "1,4,256,64"
+MAIN_DEFAULTS = {"mods": "noop,causal,rel,head_bias", "b": "auto", "nh": "auto", "s": "auto",
+                 "d": "auto", "dtype": "auto", "kv_heads": "auto", "kv_len": "auto",
+                 "decode": "false", "calculate_bwd": "false", "dynamic": "false",
+                 "max_autotune": "false", "kernel_options": "{}", "device": "auto",
+                 "timer": "auto", "baseline": "sdpa", "flex_backend": "auto", "run_name": "",
+                 "resume": "false", "sweep_id": "", "tracking_timeout": "120"}
+# `flexbench run` options that MLproject leaves to `mlflow run` itself (--experiment-name,
+# MLFLOW_TRACKING_URI) or that make no sense there (one process per host or GPU, terminal).
+NOT_IN_MLPROJECT = {"experiment", "tracking_uri", "journal", "shard", "gpus", "quiet"}
+MLPROJECT_NAME = {"batch": "b", "heads": "nh", "seq_lens": "s", "head_dims": "d",
+                  "score_mods": "mods", "dtypes": "dtype", "kv_lens": "kv_len"}
 
 
 def load_yaml(name: str) -> dict:
@@ -33,7 +41,7 @@ def load_yaml(name: str) -> dict:
 def mlflow_run(mlflow_server, tmp_path_factory) -> dict:
     """`mlflow run . --env-manager local` on a tiny CPU sweep, into its own experiment."""
     experiment = f"mlproject-{uuid.uuid4().hex[:8]}"
-    params = [arg for k, v in CPU_PARAMS.items() for arg in ("-P", f"{k}={v}")]
+    params = [arg for k, v in MLFLOW_RUN_PARAMS.items() for arg in ("-P", f"{k}={v}")]
     cmd = [str(BIN / "mlflow"), "run", ".", "--env-manager", "local",
            "--experiment-name", experiment, *params]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri,
@@ -46,35 +54,67 @@ def mlflow_run(mlflow_server, tmp_path_factory) -> dict:
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id]) if exp else []
-    return {"proc": proc, "runs": runs}
+    summary = subprocess.run([*cmd[:7], "-e", "summary"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=MLFLOW_RUN_TIMEOUT_S)
+    return {"proc": proc, "runs": runs, "summary": summary}
 
 
 def test_mlflow_run_is_the_sweep_run_holding_the_config_runs(mlflow_run):
+    """`mlflow run . --env-manager local -P mods=causal` on a CPU machine: the CPU-sized
+    default sweep (one small float32 shape), finished, named like a CLI sweep."""
     proc, runs = mlflow_run["proc"], mlflow_run["runs"]
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "running on CPU with CPU-sized defaults -b 1 -nh 4 -s 256 -d 64 -dtype float32" in (
+        proc.stderr
+    )
     top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(top) == 1, [r.info.run_name for r in top]
     sweep = top[0]
     assert sweep.data.tags.get("mlflow.project.entryPoint") == "main"  # the run mlflow created
     assert sweep.data.tags.get("flexbench.kind") == "sweep"
+    assert sweep.info.run_name == f"sweep {sweep.data.tags['flexbench.sweep_id']}"
     assert sweep.info.status == "FINISHED"
-    assert sweep.data.params["mods"] == "causal" and sweep.data.params["device"] == "cpu"
-    assert sweep.data.metrics["configs_total"] == 1
+    assert sweep.data.params["mods"] == "causal" and sweep.data.params["b"] == "auto"
+    assert sweep.data.params["configs"] == "1" and sweep.data.metrics["configs_total"] == 1
     assert len(children) == 1
     child = children[0]
     assert child.data.tags["mlflow.parentRunId"] == sweep.info.run_id
-    assert child.info.run_name == "causal b1 h2 s128 d16 fp32"
-    assert child.data.params["shape"] == "1,2,128,16"
+    assert child.info.run_name == "causal b1 h4 s256 d64 fp32"
+    assert child.data.params["shape"] == CPU_DEFAULT_SHAPE and child.data.params["device"] == "cpu"
     assert child.data.metrics["fwd_compiled_us"] > 0
 
 
-def test_mlproject_main_parameters_are_the_seed_defaults():
+def test_mlflow_run_summary_reads_the_experiment_it_runs_in(mlflow_run):
+    summary = mlflow_run["summary"]
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    sweep_id = next(r for r in mlflow_run["runs"] if "flexbench.kind" in r.data.tags).data.tags[
+        "flexbench.sweep_id"
+    ]
+    assert f"latest sweep {sweep_id}" in summary.stdout and CPU_DEFAULT_SHAPE in summary.stdout
+
+
+def test_mlproject_main_parameters_and_defaults():
     main = load_yaml("MLproject")["entry_points"]["main"]
     defaults = {k: str(v["default"]) for k, v in main["parameters"].items()}
-    assert defaults == SEED_DEFAULTS
-    for name in SEED_DEFAULTS:
+    assert {k: v.removesuffix(".0") for k, v in defaults.items()} == MAIN_DEFAULTS
+    for name in MAIN_DEFAULTS:
         assert "{" + name + "}" in main["command"]
+
+
+def test_mlproject_main_takes_every_run_option():
+    from flexbench.cli import run
+
+    main = load_yaml("MLproject")["entry_points"]["main"]
+    options = {MLPROJECT_NAME.get(p.name, p.name) for p in run.params} - NOT_IN_MLPROJECT
+    missing = sorted(options - set(main["parameters"]))
+    assert not missing, f"add these `flexbench run` options to MLproject's main: {missing}"
+
+
+def test_mlproject_summary_defaults_to_the_experiment_mlflow_run_uses():
+    summary = load_yaml("MLproject")["entry_points"]["summary"]
+    defaults = {k: str(v["default"]) for k, v in summary["parameters"].items()}
+    assert defaults == {"experiment": "", "sweep": "latest", "format": "table", "where": ""}
 
 
 def test_mlproject_has_summary_entry_point_and_conda_env():
