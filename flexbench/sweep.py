@@ -391,6 +391,9 @@ def run(
     return run_parts(configs, params, track, shard, gpu_ids, not quiet, warn)
 
 
+LARGE_CPU_BYTES = 2**30  # a CPU sweep this big per config says so up front
+
+
 def resolve_device(device: str, gpus: Sequence[int] | str | None = None) -> str:
     """`auto`: cuda when torch sees a GPU (or `gpus` asks for CUDA workers), else cpu."""
     if device != "auto":
@@ -404,10 +407,13 @@ def plan_line(
     configs: Sequence[BenchConfig], device: str, filled: Sequence[str], auto: bool
 ) -> str:
     """A CPU sweep's first line: the defaults it took (and how to choose others), how many
-    configs and the memory of the largest ('' on CUDA)."""
+    configs and the memory of the largest. '' on CUDA, and for a small CPU sweep whose device
+    and sizes were all given."""
     if device != "cpu" or not configs:
         return ""
     big = max(configs, key=peak_bytes)
+    if not (auto or filled or peak_bytes(big) >= LARGE_CPU_BYTES):
+        return ""
     where = "no CUDA device here, running on CPU" if auto else "CPU sweep"
     if filled:
         flags = "/".join(f.split()[0] for f in filled)

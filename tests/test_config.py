@@ -331,3 +331,34 @@ def test_run_with_config_file_logs_its_hash_as_a_sweep_param(tmp_path, capsys):
         "tags.`flexbench.kind` = 'sweep' and params.config_sha = '" + sha + "'",
     )
     assert run.data.params["config_file"] == str(path) and run.data.params["configs"] == "1"
+
+
+def test_cpu_sized_defaults_and_the_first_line_of_a_cpu_sweep():
+    from flexbench import sweep
+    from flexbench.config import SIZE_DEFAULTS, device_sizes
+
+    sizes, filled = device_sizes("cpu", batch=[], heads=[], seq_lens=[2048], head_dims=[])
+    assert sizes == {"batch": [1], "heads": [4], "seq_lens": [2048], "head_dims": [64],
+                     "dtypes": ["float32"]}
+    assert filled == ["-b 1", "-nh 4", "-d 64", "-dtype float32"]
+    assert device_sizes("cuda")[0] == SIZE_DEFAULTS["cuda"]
+    small = expand_sweep(*(sizes[k] for k in AXES), ["causal"], sizes["dtypes"], device="cpu")
+    line = sweep.plan_line(small, "cpu", filled, auto=True)
+    assert line == (
+        "no CUDA device here, running on CPU with CPU-sized defaults -b 1 -nh 4 -d 64 -dtype "
+        "float32 (give -b/-nh/-d/-dtype to choose): 1 configs, forward only, each up to about "
+        "460 MB of memory (causal b1 h4 s2048 d64 fp32)"
+    )
+    # The seed's GPU sweep asked for on a CPU: it runs, after saying how big it is.
+    gpu = SIZE_DEFAULTS["cuda"]
+    seed = expand_sweep(*(gpu[k] for k in AXES), ["noop", "causal"], gpu["dtypes"], device="cpu")
+    assert sweep.plan_line(seed, "cpu", [], auto=False) == (
+        "CPU sweep: 36 configs, forward only, each up to about 24.0 GB of memory "
+        "(noop b16 h16 s4096 d128 bf16)"
+    )
+    assert sweep.plan_line(seed, "cuda", [], auto=True) == ""
+    assert sweep.plan_line(expand_sweep([1], [2], [128], [16], ["noop"], ["float32"],
+                                        device="cpu"), "cpu", [], auto=False) == ""
+
+
+AXES = ("batch", "heads", "seq_lens", "head_dims")
