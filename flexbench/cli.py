@@ -33,6 +33,11 @@ def _not_auto(values: tuple[str, ...]) -> tuple[str, ...]:
     return () if [str(v).strip().lower() for v in values] == ["auto"] else values
 
 
+def auto_or(kind: click.ParamType, value: object, param: click.Parameter, ctx: click.Context):
+    """None for `auto` (or nothing: MLproject passes `auto`), else the value as `kind`."""
+    return None if value in (None, "auto") else kind.convert(value, param, ctx)
+
+
 def int_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[int]:
     """Comma lists or repeated flags of whole numbers > 0; `auto` (or nothing): the device's
     default."""
@@ -275,7 +280,7 @@ def _default_device(device: str) -> str:
 @click.option(
     "--max-noise",
     default=None,
-    callback=lambda ctx, p, v: None if v is None else percent(ctx, p, v),
+    callback=lambda ctx, p, v: None if v in (None, "auto") else percent(ctx, p, v),
     help="sample each timing until its IQR/median is at most this percent "
     "[default: 0.5 on CUDA, 2 on CPU]",
 )
@@ -288,8 +293,8 @@ def _default_device(device: str) -> str:
 )
 @click.option(
     "--max-time",
-    type=click.FloatRange(min=0, min_open=True),
     default=None,
+    callback=lambda ctx, p, v: auto_or(click.FloatRange(min=0, min_open=True), v, p, ctx),
     help="seconds per config's fwd (or bwd) timing before it is logged unconverged "
     "[default: 2 on CUDA, 0.5 on CPU]",
 )

@@ -25,12 +25,17 @@ MAIN_DEFAULTS = {"mods": "noop,causal,rel,head_bias", "b": "auto", "nh": "auto",
                  "decode": "false", "calculate_bwd": "false", "dynamic": "false",
                  "max_autotune": "false", "kernel_options": "{}", "device": "auto",
                  "timer": "auto", "baseline": "sdpa", "flex_backend": "auto", "run_name": "",
-                 "resume": "false", "sweep_id": "", "tracking_timeout": "120"}
+                 "resume": "false", "sweep_id": "", "tracking_timeout": "120",
+                 "regime": "auto", "max_noise": "auto", "min_samples": "10", "max_time": "auto",
+                 "throttle_threshold": "90", "compile_workers": "auto", "compile_cache": ""}
 # `flexbench run` options that MLproject leaves to `mlflow run` itself (--experiment-name,
-# MLFLOW_TRACKING_URI) or that make no sense there (one process per host or GPU, terminal).
-NOT_IN_MLPROJECT = {"experiment", "tracking_uri", "journal", "shard", "gpus", "quiet"}
+# MLFLOW_TRACKING_URI), that make no sense there (one process per host or GPU, terminal), or
+# that replace the size options MLproject always passes (--config).
+NOT_IN_MLPROJECT = {"experiment", "tracking_uri", "journal", "shard", "gpus", "quiet",
+                    "config_file"}
 MLPROJECT_NAME = {"batch": "b", "heads": "nh", "seq_lens": "s", "head_dims": "d",
-                  "score_mods": "mods", "dtypes": "dtype", "kv_lens": "kv_len"}
+                  "score_mods": "mods", "dtypes": "dtype", "kv_lens": "kv_len",
+                  "baselines": "baseline", "flex_backends": "flex_backend"}
 
 
 def load_yaml(name: str) -> dict:
