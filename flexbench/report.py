@@ -31,6 +31,7 @@ VARYING = (
     "baseline",
     "device",
     "timer",
+    "regime",
     "dynamic",
     "max_autotune",
     "gpu",

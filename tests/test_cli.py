@@ -64,6 +64,10 @@ USAGE_ERRORS = {
                          ["'--baseline'", "unknown baseline 'flash'", "sdpa_flash"]),
     "baseline twice": (["--baseline", "sdpa", "--baseline", "sdpa"], ["named twice"]),
     "unknown flex backend": (["--flex-backend", "cute"], ["unknown flex backend 'cute'", "flash"]),
+    "noise not a percentage": (["--max-noise", "low"], ["'--max-noise'", "not a percentage"]),
+    "noise zero": (["--max-noise", "0", "--device", "cpu"], ["max_noise", "(0, 1)"]),
+    "too few samples": (["--min-samples", "2"], ["'--min-samples'", "2"]),
+    "unknown regime": (["--regime", "hot"], ["'--regime'", "burst", "sustained"]),
 }
 
 

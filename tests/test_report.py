@@ -561,3 +561,10 @@ def test_repro_reruns_the_config_and_resume_skips_it(mlflow_server, measured, ca
     assert code == 0 and "resume: skipped 1 of 1 configs already measured" in err
     code, _, err = flexbench(capsys, f"repro {measured.run_id} --tracking-uri {uri}")
     assert code == 1 and "has no flexbench.repro tag" in err  # a sweep run, not a config run
+
+
+def test_summary_shows_the_regime_when_sweeps_differ():
+    rows = [{"shape": "1,2,128,16", "dtype": "bfloat16", "regime": regime, "status": "FINISHED",
+             "fwd_speedup": 1.0, "run_name": regime} for regime in ("burst", "sustained")]
+    assert "regime" in report._columns(rows)
+    assert "regime" not in report._columns(rows[:1])
