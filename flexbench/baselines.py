@@ -143,7 +143,7 @@ def sdpa_mask(case: Case) -> Tensor | None:
         return None
     # SDPA's fused kernels want a dense mask: a stride-0 broadcast [1,H,1,1] head bias
     # crashed the memory-efficient kernel on an H100 ("misaligned address").
-    return mask.expand(1, mask.shape[1], q.shape[2], k.shape[2]).contiguous()
+    return mask.expand(*mask.shape[:2], q.shape[2], k.shape[2]).contiguous()
 
 
 def sdpa_call(case: Case, backend: SDPBackend | None = None) -> Callable[[], Tensor]:

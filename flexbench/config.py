@@ -25,7 +25,12 @@ DEVICES = ("cpu", "cuda")
 FLEX_BACKENDS = ("auto", "triton", "flash", "triton_decode")  # kernel_options BACKEND, lower
 # Fields added after keys were first logged: left out of the key at their default, so a config
 # measured before keeps its key (--resume still finds it).
-KEY_DEFAULTS = {"baselines": baselines.DEFAULT, "flex_backend": "auto"}
+KEY_DEFAULTS = {
+    "baselines": baselines.DEFAULT,
+    "flex_backend": "auto",
+    "align": "end",
+    "reference": "",
+}
 KERNEL_OPTION_TYPES = (int, float, bool, str)
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 # What a sweep measures when the command line gives no sizes or dtype: the seed's sweep on a
@@ -73,6 +78,17 @@ def _mod_name(spec: object) -> str:
         return mods.resolve(spec).name
     except ValueError as exc:
         raise ValueError(f"score_mod: {exc}") from None
+
+
+def _instance(c: BenchConfig) -> mods.Instance:
+    """The config's mod at its sizes (a factory is called: its result must be a mod)."""
+    try:
+        inst = mods.resolve(c.score_mod).instance(c.dims())
+        if c.reference:
+            mods.load_reference(c.reference, c.dims())
+    except ValueError as exc:
+        raise ValueError(f"score_mod: {exc}") from None
+    return inst
 
 
 def canonical_kernel_options(options: dict | str | None) -> str:
@@ -128,6 +144,8 @@ class BenchConfig:
     throttle_threshold: float = 0.9
     baselines: str = baselines.DEFAULT
     flex_backend: str = "auto"
+    align: str = "end"
+    reference: str = ""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: fill derived defaults once
@@ -142,7 +160,9 @@ class BenchConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("timer", self.timer, TIMERS)
+        _choice("align", self.align, mods.ALIGNS)
         set_(self, "score_mod", _mod_name(self.score_mod))
+        _instance(self)
         set_(self, "kernel_options", canonical_kernel_options(self.kernel_options))
         if "BACKEND" in self.kernel_options_dict and self.flex_backend != "auto":
             raise ValueError("flex's BACKEND is set twice: by flex_backend and kernel_options")
@@ -197,20 +217,47 @@ class BenchConfig:
         """flex's backend as flex_backend names it (also when kernel_options set BACKEND)."""
         return str(self.kernel_options_dict.get("BACKEND", self.flex_backend)).lower()
 
+    def dims(self) -> mods.Dims:
+        """The sizes the mod sees (and fills its spec's placeholders with)."""
+        return mods.Dims(
+            self.heads,
+            self.q_len,
+            self.kv_len,
+            self.device,
+            self.batch,
+            self.kv_heads,
+            self.head_dim,
+            self.align,
+        )
+
+    @property
+    def mod_name(self) -> str:
+        """The mod's canonical spec with this config's placeholders filled."""
+        return _instance(self).name
+
+    @property
+    def mod_sha(self) -> str:
+        """Hash of a user mod's source and filled spec ('' for built-ins)."""
+        return _instance(self).sha
+
     def identity(self) -> dict:
         """Every field that defines the measurement, as plain JSON values (not the stopping
         rule's settings: they say how long to sample, not what is measured)."""
         return {k: v for k, v in asdict(self).items() if k not in SETTINGS}
 
     def config_key(self) -> str:
-        """Stable hash of the identity: the same config gives the same key everywhere."""
+        """Stable hash of the identity and the mod's source: the same config gives the same
+        key everywhere; a user mod whose source changed gets a new one. Fields added later
+        count only away from their default, so keys of earlier sweeps still match."""
         ident = {k: v for k, v in self.identity().items() if KEY_DEFAULTS.get(k, ...) != v}
+        if self.mod_sha:
+            ident["mod_sha"] = self.mod_sha
         blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def run_name(self) -> str:
         """Readable name, e.g. `causal b8 h16 s4096 d128 bf16`."""
-        parts = [self.score_mod, f"b{self.batch}", f"h{self.heads}"]
+        parts = [self.mod_name, f"b{self.batch}", f"h{self.heads}"]
         if self.kv_heads != self.heads:
             parts.append(f"kvh{self.kv_heads}")
         parts.append(f"s{self.q_len}")
@@ -232,7 +279,8 @@ class BenchConfig:
             "kv_len": self.kv_len,
             "head_dim": self.head_dim,
             "dtype": self.dtype,
-            "score_mod": self.score_mod,
+            "score_mod": self.mod_name,
+            "align": self.align,
             "device": self.device,
             "calculate_bwd": self.calculate_bwd,
             "dynamic": self.dynamic,
@@ -246,6 +294,7 @@ class BenchConfig:
             "baselines": self.baselines,
             "flex_backend": self.flex_backend,
         }
+        p.update({k: v for k in ("mod_sha", "reference") if (v := getattr(self, k))})
         p.update({f"ko_{k}": v for k, v in self.kernel_options_dict.items()})
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in p.items()}
 

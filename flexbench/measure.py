@@ -1,11 +1,12 @@
 """Run ONE config -> Result: inputs, named baselines, compiled flex (cached), check, timings.
 
 Order per config, correct before fast: compile (timed once), check flex (and dQ/dK/dV) against
-a float32 reference (float64 on CPU), check every named baseline the same way (one that cannot
-run is skipped with the reason, one over tolerance is marked approximate), peak memory, the
-kernels each side ran (one profiler pass), then flex and every baseline timed in the same
-interleaved rounds. A config that fails the check is never timed; any exception fails that
-config only.
+a float32 reference (float64 on CPU; a user mod's own reference when it has one; a mod making
+NaN fails there, and eager flex is checked against a user mod's dense form), check every named
+baseline the same way (one that cannot run is skipped with the reason, one over tolerance is
+marked approximate), peak memory, the kernels each side ran (one profiler pass), then flex and
+every baseline timed in the same interleaved rounds. A config that fails the check is never
+timed; any exception fails that config only.
 
 The forward runs as the config would in use, as the seed times it: with autograd when the
 config has a backward (a training step's forward, which also saves what backward needs), under
@@ -20,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -153,44 +154,136 @@ def _expand_kv(t: Tensor, heads: int) -> Tensor:
     return t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t
 
 
-def dense_attention(
-    q: Tensor, k: Tensor, v: Tensor, built: mods.Built, scale: float, b: Tensor
-) -> Tensor:
-    """softmax(transform(scale·QKᵀ) + bias, masked) V, materialised; fully masked rows give 0."""
-    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-    s = (q @ k.transpose(-2, -1)) * scale
+def dense_scores(q: Tensor, k: Tensor, built: mods.Built, scale: float, b: Tensor) -> Tensor:
+    """transform(scale·QKᵀ) + bias, masked with -inf: the scores the softmax sees."""
+    s = (q @ _expand_kv(k, q.shape[1]).transpose(-2, -1)) * scale
     if built.transform is not None:
         s = built.transform(s, b)
     if built.bias is not None:
         s = s + built.bias.to(s.dtype)
     if built.mask is not None:
         s = s.masked_fill(~built.mask, float("-inf"))
+    return s
+
+
+def _softmax(s: Tensor) -> Tensor:
     wide = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else s.dtype
-    p = torch.softmax(s, dim=-1, dtype=wide).nan_to_num(0.0).to(q.dtype)
-    return p @ v
+    return torch.softmax(s, dim=-1, dtype=wide)
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, built: mods.Built, scale: float, b: Tensor
+) -> Tensor:
+    """softmax(transform(scale·QKᵀ) + bias, masked) V, materialised; fully masked rows give 0."""
+    p = _softmax(dense_scores(q, k, built, scale, b)).nan_to_num(0.0).to(q.dtype)
+    return p @ _expand_kv(v, q.shape[1])
+
+
+def _finite_rows(s: Tensor, p: Tensor) -> int:
+    """Fully masked rows (all scores -inf: their NaN softmax becomes 0); NaN or inf anywhere
+    else fails, before nan_to_num could hide it."""
+    blind = torch.isneginf(s).all(dim=-1)
+    bad = (~torch.isfinite(p)).any(dim=-1) & ~blind
+    if bad.any():
+        raise CheckFailed(
+            f"mod produces NaN: {int(bad.sum())} of {bad.numel()} query rows that are not "
+            "fully masked hold NaN/inf scores or probabilities; not timed"
+        )
+    return int(blind.sum())
+
+
+def _batch_item(built: mods.Built, i: int) -> mods.Built:
+    """The mod's dense tensors at batch element i (a mask or bias may vary with b)."""
+
+    def item(t: Tensor | None) -> Tensor | None:
+        return t[i : i + 1] if t is not None and t.shape[0] > 1 else t
+
+    return replace(built, mask=item(built.mask), bias=item(built.bias))
 
 
 def reference(
     q: Tensor, k: Tensor, v: Tensor, built: mods.Built, scale: float, dout: Tensor | None
 ) -> tuple[Tensor, list[Tensor]]:
-    """Output (and dQ, dK, dV when dout is given) in float64 on CPU, float32 on CUDA.
-
-    Computed one batch element at a time to bound memory at long sequences.
-    """
+    """Output (and dQ, dK, dV when dout is given) in float64 on CPU, float32 on CUDA: the
+    mod's own reference when it has one, else dense attention computed one batch element at
+    a time (to bound memory at long sequences). CheckFailed when a mod makes NaN/inf outside
+    fully masked rows, or masks every score."""
     ref = torch.float64 if q.device.type == "cpu" else torch.float32
-    outs, grads = [], [[], [], []]
+    if built.reference is not None:
+        return _user_reference(built.reference, (q, k, v), scale, dout, ref)
+    outs, grads, blind = [], [[], [], []], 0
     for i in range(q.shape[0]):
         qi, ki, vi = (
             t[i : i + 1].detach().to(ref).requires_grad_(dout is not None) for t in (q, k, v)
         )
         b = torch.full((1, 1, 1, 1), i, device=q.device)
-        out = dense_attention(qi, ki, vi, built, scale, b)
+        s = dense_scores(qi, ki, _batch_item(built, i), scale, b)
+        p = _softmax(s)
+        blind += _finite_rows(s, p)
+        out = p.nan_to_num(0.0).to(ref) @ _expand_kv(vi, q.shape[1])
         if dout is not None:
             out.backward(dout[i : i + 1].to(ref))
             for acc, t in zip(grads, (qi, ki, vi)):
                 acc.append(t.grad)
         outs.append(out.detach())
+    if blind == q.shape[0] * q.shape[1] * q.shape[2]:
+        raise CheckFailed("the mod masks every score (every output row is 0); not timed")
     return torch.cat(outs), [torch.cat(g) for g in grads if g]
+
+
+def _user_reference(
+    fn: Callable, inputs: tuple[Tensor, ...], scale: float, dout: Tensor | None, ref: torch.dtype
+) -> tuple[Tensor, list[Tensor]]:
+    """The mod's own reference(q, k, v, scale) -> out [B,H,Q,D], and its dQ, dK, dV."""
+    qkv = [t.detach().to(ref).requires_grad_(dout is not None) for t in inputs]
+    with torch.set_grad_enabled(dout is not None):
+        out = fn(*qkv, scale)
+    if not isinstance(out, Tensor) or out.shape != inputs[0].shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise CheckFailed(f"the mod's reference returned {got}, not {tuple(inputs[0].shape)}")
+    if not torch.isfinite(out).all():
+        raise CheckFailed("the mod's reference produces NaN/inf; not timed")
+    if dout is None:
+        return out.detach().to(ref), []
+    return out.detach().to(ref), list(torch.autograd.grad(out, qkv, dout.to(ref)))
+
+
+def cross_check(
+    q: Tensor, k: Tensor, v: Tensor, built: mods.Built, scale: float, expected: Tensor
+) -> None:
+    """Eager flex_attention (flex's own semantics) against the dense reference, one batch
+    element at a time: a user mod whose dense form differs (e.g. marked additive but not)
+    fails here."""
+    if not built.cross_check or built.reference is not None:
+        return
+    outs = []
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    for i in range(q.shape[0]):
+        qi, ki, vi = (t[i : i + 1].detach().to(expected.dtype) for t in (q, k, v))
+        block_mask = None
+        if built.mask_mod is not None:
+            heads = built.mask.shape[1] if built.mask.shape[1] > 1 else None
+            mask_mod = _from_batch(built.mask_mod, i)
+            block_mask = create_block_mask(mask_mod, 1, heads, q.shape[2], k.shape[2], q.device)
+        score_mod = _from_batch(built.score_mod, i, score=True)
+        with warnings.catch_warnings():  # eager on purpose: flex's reference semantics
+            warnings.simplefilter("ignore")
+            outs.append(flex_attention(qi, ki, vi, score_mod, block_mask, scale, **gqa))
+    err, failure = check([torch.cat(outs)], [expected], "float32")
+    if failure:
+        raise CheckFailed(
+            f"mod is not representable densely: eager flex_attention differs from the dense "
+            f"reference by {err:.3g}; give it a reference (fn.reference or --reference)"
+        )
+
+
+def _from_batch(fn: Callable | None, i: int, score: bool = False) -> Callable | None:
+    """fn seeing batch index b + i (flex on batch element i alone counts b from 0)."""
+    if fn is None or i == 0:
+        return fn
+    if score:
+        return lambda s, b, h, q_idx, kv_idx: fn(s, b + i, h, q_idx, kv_idx)
+    return lambda b, h, q_idx, kv_idx: fn(b + i, h, q_idx, kv_idx)
 
 
 def max_abs_err(actual: Tensor, expected: Tensor) -> float:
@@ -206,7 +299,19 @@ def check(actual: list[Tensor], expected: list[Tensor], dtype: str) -> tuple[flo
         worst = max(worst, err) if not math.isnan(err) else math.inf
         if failure is None and not err <= bound:  # `not <=` also catches NaN
             failure = f"correctness check failed: {name} max_abs_err {err:.3g} > {bound:.3g}"
-    return worst, failure
+    return worst, failure or _zero_rows(actual[0], expected[0])
+
+
+def _zero_rows(actual: Tensor, expected: Tensor) -> str | None:
+    """Output rows all zero where the reference's are not: within tolerance when the
+    reference is small (long rows, bfloat16), yet no attention output."""
+    zero = (actual == 0).all(dim=-1) & (expected != 0).any(dim=-1)
+    if not zero.any():
+        return None
+    return (
+        f"correctness check failed: out is all zeros in {int(zero.sum())} of {zero.numel()} "
+        "query rows where the reference is not"
+    )
 
 
 def sdpa_baseline(
@@ -262,13 +367,15 @@ class Bench:
         return self._compiled[key]
 
     def block_mask(self, c: BenchConfig, built: mods.Built) -> BlockMask | None:
-        """BlockMask for the mod's mask_mod, built once per (mod, lengths, device)."""
+        """BlockMask for the mod's mask_mod, built once per (mod, lengths, device); per batch
+        element and head only when the mask varies with them."""
         if built.mask_mod is None:
             return None
-        key = (c.score_mod, c.q_len, c.kv_len, c.device)
+        sizes = [n if n > 1 else None for n in built.mask.shape[:2]]
+        key = (c.mod_name, c.mod_sha, c.align, *sizes, c.q_len, c.kv_len, c.device)
         if key not in self._masks:
             self._masks[key] = create_block_mask(
-                built.mask_mod, None, None, c.q_len, c.kv_len, device=c.device
+                built.mask_mod, *sizes, c.q_len, c.kv_len, device=c.device
             )
         return self._masks[key]
 
@@ -312,7 +419,7 @@ def prepare(c: BenchConfig, bench: Bench, result: Result) -> Setup:
             f"flex backend {c.flex_backend} needs CUDA: on {c.device} flex compiles to its C++ "
             "kernel whatever BACKEND says; use --flex-backend auto"
         )
-    built = mods.resolve(c.score_mod).build(mods.Dims(c.heads, c.q_len, c.kv_len, c.device))
+    built = mods.resolve(c.score_mod).build(c.dims(), c.reference)
     block_mask = bench.block_mask(c, built)
     q, k, v = make_inputs(c, requires_grad=c.calculate_bwd)
     scale = 1.0 / math.sqrt(c.head_dim)
@@ -341,6 +448,7 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     outs, m["compile_s"] = _first_calls(flex, dout, c, (q, k, v))
     lap("compile")
     expected_out, expected_grads = reference(q, k, v, built, scale, dout)
+    cross_check(q, k, v, built, scale, expected_out)
     expected = [expected_out, *expected_grads]
     case = baselines.Case(q, k, v, built, scale)
     ready = checked_baselines(c, case, dout, expected, result)

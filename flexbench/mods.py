@@ -1,30 +1,55 @@
 """Registry of named score/mask mods, each with a dense reference computing the same function.
 
-A mod is named `name` or `name:param` (`sliding_window:128`); a user score_mod is named
-`package.module:function`. `resolve(spec)` returns a `Mod`; `Mod.build(dims)` gives the flex
-callables and the dense reference for one shape.
+A mod spec is a built-in `name` or `name:param` (`sliding_window:128`), a user mod
+`package.module:name` or `package.module:name(args)` (flexbench.usermods), or mask specs
+composed with `&` and `|` (`causal & pkg.m:doc_mask({kv_len})`; `&` binds tighter, brackets
+group). `resolve(spec)` returns a `Mod`; `Mod.instance(dims)` the mod at one config (name with
+placeholders filled, source hash); `Mod.build(dims)` the flex callables and dense reference.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import and_masks, or_masks
+
+from flexbench import usermods
+
+ALIGNS = ("end", "start")
+NOT_MASK = "is not a mask_mod; only mask_mods compose with & and |"
 
 
 @dataclass(frozen=True)
 class Dims:
-    """The sizes a mod may depend on."""
+    """The sizes a mod may depend on; `align`: queries aligned with the end of the keys (as
+    decoding does) or with their start."""
 
     heads: int
     q_len: int
     kv_len: int
     device: str
+    batch: int = 1
+    kv_heads: int = 0  # 0: as many as heads
+    head_dim: int = 0
+    align: str = "end"
+
+    def placeholders(self) -> dict[str, object]:
+        """Values of the spec placeholders ({heads}, {kv_len}, ...)."""
+        return {
+            "batch": self.batch,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads or self.heads,
+            "q_len": self.q_len,
+            "kv_len": self.kv_len,
+            "head_dim": self.head_dim,
+            "align": self.align,
+            "device": self.device,
+        }
 
 
 @dataclass(frozen=True)
@@ -33,7 +58,9 @@ class Built:
 
     `bias` is additive and `mask` boolean (True = attend), both broadcastable to [B,H,Q,KV];
     `transform(scores, b)` maps scaled scores [B,H,Q,KV] to modified scores for mods that are
-    not additive (b: batch indices broadcastable to the scores).
+    not additive (b: batch indices broadcastable to the scores). A user mod may bring its own
+    `reference(q, k, v, scale) -> out`; `cross_check`: compare eager flex with the dense
+    reference (user code, which the registry's tests do not cover).
     """
 
     score_mod: Callable | None = None
@@ -42,6 +69,8 @@ class Built:
     mask: Tensor | None = None
     transform: Callable[..., Tensor] | None = None
     sdpa_is_causal: bool = False
+    reference: Callable | None = None
+    cross_check: bool = False
 
     @property
     def baseline(self) -> str:
@@ -64,6 +93,7 @@ class ModInfo:
     param: str | None
     default: int | float | None
     build: Callable[[Dims, float | None], Built]
+    mask: bool = False  # a pure mask_mod: may be composed with & and |
 
 
 def _grid(d: Dims) -> tuple[Tensor, Tensor]:
@@ -74,8 +104,8 @@ def _grid(d: Dims) -> tuple[Tensor, Tensor]:
 
 
 def _offset(d: Dims) -> int:
-    """Bottom-right alignment: query i sits at position i + kv_len - q_len."""
-    return d.kv_len - d.q_len
+    """Query i sits at position i + kv_len - q_len (align end, bottom-right), or i (start)."""
+    return d.kv_len - d.q_len if d.align == "end" else 0
 
 
 # --- the seed's four -------------------------------------------------------------------------
@@ -98,7 +128,7 @@ def _causal(d: Dims, _p: float | None) -> Built:
     return Built(
         mask_mod=_causal_mod(_offset(d)),
         mask=(q + _offset(d) >= kv)[None, None],
-        sdpa_is_causal=d.q_len == d.kv_len,
+        sdpa_is_causal=_offset(d) == 0,  # SDPA's is_causal aligns top-left
     )
 
 
@@ -195,12 +225,12 @@ def _document_mod(docs: int, kv_len: int, offset: int, device: str) -> Callable:
 
 def _document_mask(d: Dims, p: float | None) -> Built:
     docs, off = int(p), _offset(d)
-    if off < 0:
+    if d.q_len > d.kv_len:
         raise ValueError(f"document_mask needs q_len <= kv_len, got {d.q_len} > {d.kv_len}")
     if docs > d.kv_len:
         raise ValueError(f"document_mask:{docs} needs kv_len >= {docs}, got {d.kv_len}")
     doc = document_ids(d.kv_len, docs, d.device)
-    mask = doc[off:, None] == doc[None, :]
+    mask = doc[off : off + d.q_len, None] == doc[None, :]
     return Built(mask_mod=_document_mod(docs, d.kv_len, off, d.device), mask=mask[None, None])
 
 
@@ -222,40 +252,157 @@ BUILTINS: dict[str, ModInfo] = {
     m.name: m
     for m in [
         ModInfo("noop", "plain attention, no modification", None, None, _noop),
-        ModInfo("causal", "causal mask (block-sparse)", None, None, _causal),
+        ModInfo("causal", "causal mask (block-sparse)", None, None, _causal, mask=True),
         ModInfo("rel", "relative position bias: score + (q - kv)", None, None, _rel),
         ModInfo("head_bias", "per-head bias: score + 2*h", None, None, _head_bias),
         ModInfo("alibi", "ALiBi bias: score + slope_h*(kv - q)", None, None, _alibi),
-        ModInfo("sliding_window", "causal mask within a window", "window", 256, _sliding_window),
-        ModInfo("prefix_lm", "bidirectional prefix, causal after", "prefix", 256, _prefix_lm),
-        ModInfo("document_mask", "attend within packed documents", "documents", 4, _document_mask),
+        ModInfo(
+            "sliding_window", "causal mask within a window", "window", 256, _sliding_window, True
+        ),
+        ModInfo("prefix_lm", "bidirectional prefix, causal after", "prefix", 256, _prefix_lm, True),
+        ModInfo(
+            "document_mask", "attend within packed documents", "documents", 4, _document_mask, True
+        ),
         ModInfo("softcap", "tanh soft-capping: cap*tanh(score/cap)", "cap", 30.0, _softcap),
     ]
 }
 
 
 @dataclass(frozen=True)
+class Instance:
+    """A mod at one config: its name with placeholders filled, the flex callable (None for a
+    built-in, which builds its own), its kind, and a hash of its source ('' for built-ins)."""
+
+    name: str
+    fn: Callable | None
+    kind: str
+    sha: str
+
+
+@dataclass(frozen=True)
 class Mod:
-    """A resolved mod: its canonical name and how to build it at a shape."""
+    """A resolved mod: its canonical spec, and what it is made of (a built-in with its
+    parameter, a user object with its factory arguments, or composed parts)."""
 
     name: str
     info: ModInfo | None = None
     param: float | None = None
-    user_fn: Callable | None = None
+    user_fn: Callable | None = None  # the object a user spec names (the mod or its factory)
+    user: usermods.UserSpec | None = None
+    op: str = ""  # "&" or "|" when composed
+    parts: tuple[Mod, ...] = ()
 
-    def build(self, dims: Dims) -> Built:
-        """Flex callables and dense reference for one shape."""
-        if self.user_fn is not None:
-            return _user_built(self.user_fn, dims)
-        assert self.info is not None
-        return self.info.build(dims, self.param)
+    def instance(self, dims: Dims) -> Instance:
+        """The mod at one config; ValueError when a factory's result is not a mod."""
+        return _instance(self, dims)
+
+    def build(self, dims: Dims, reference: str = "") -> Built:
+        """Flex callables and dense reference for one shape; `reference`: a user reference
+        spec, checked against instead of the dense reference."""
+        if self.info is not None:
+            built, attached = self.info.build(dims, self.param), None
+        else:
+            inst = self.instance(dims)
+            built = replace(_user_built(inst, dims), cross_check=True)
+            attached = _attached_reference(self, inst)
+        return replace(built, reference=load_reference(reference, dims) if reference else attached)
 
 
-def _user_built(fn: Callable, d: Dims) -> Built:
-    """A user score_mod's reference: the same function applied to broadcast index tensors."""
-    q, kv = _grid(d)
-    h = torch.arange(d.heads, device=d.device).view(1, -1, 1, 1)
-    return Built(score_mod=fn, transform=lambda s, b: fn(s, b, h, q[None, None], kv[None, None]))
+def _user_built(inst: Instance, d: Dims) -> Built:
+    """A user mod's dense form, evaluated as flex evaluates it (vmap over 0-d indices)."""
+    fn, size = inst.fn, (d.batch, d.heads, d.q_len, d.kv_len, d.device)
+    if inst.kind == "mask_mod":
+        return Built(mask_mod=fn, mask=usermods.evaluate(fn, *size))
+    if getattr(fn, "additive", False):  # score_mod(score) = score + bias(b, h, q, kv)
+        zero = torch.zeros((), device=d.device)
+        bias = usermods.evaluate(lambda b, h, q, kv: fn(zero, b, h, q, kv), *size)
+        return Built(score_mod=fn, bias=bias)
+    return Built(score_mod=fn, transform=lambda s, b: usermods.apply_score_mod(fn, s, b))
+
+
+def _attached_reference(mod: Mod, inst: Instance) -> Callable | None:
+    """`reference` attribute of the mod, else of the object its spec names."""
+    for owner in (inst.fn, mod.user_fn):
+        ref = getattr(owner, "reference", None)
+        if callable(ref):
+            return ref
+    return None
+
+
+def load_reference(spec: str, dims: Dims) -> Callable:
+    """A `--reference` spec (grammar of a user mod): reference(q, k, v, scale) -> out."""
+    user = usermods.parse(spec)
+    if user is None:
+        raise ValueError(f"reference '{spec}' must be {usermods.USER_HINT}")
+    obj = usermods.import_object(user, spec)
+    fn = obj if user.args is None else _user_call(user, obj, _filled(user, dims))[1]
+    if not callable(fn):
+        raise ValueError(f"reference '{spec}' is not callable; give reference(q, k, v, scale)")
+    return fn
+
+
+def _filled(user: usermods.UserSpec, dims: Dims) -> str:
+    return usermods.fill(user.args, dims.placeholders())[2] if user.args is not None else ""
+
+
+@lru_cache(maxsize=1024)
+def _user_call(user: usermods.UserSpec, obj: Callable, filled: str) -> tuple[str, object]:
+    """Call a factory once per filled argument list: one callable (one compiled graph) per
+    distinct mod, not per config."""
+    name = f"{user.module}:{user.attr}({filled})"
+    args, kwargs, _ = usermods.fill(filled, {})
+    try:
+        return name, obj(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise ValueError(f"mod '{name}' raised {type(exc).__name__}: {exc}") from None
+
+
+@lru_cache(maxsize=1024)
+def _compose(op: str, fns: tuple[Callable, ...]) -> Callable:
+    return (and_masks if op == "&" else or_masks)(*fns)
+
+
+@lru_cache(maxsize=1024)
+def _instance(mod: Mod, dims: Dims) -> Instance:
+    if mod.info is not None:
+        kind = "mask_mod" if mod.info.mask else "score_mod"
+        return Instance(mod.name, None, kind, "")
+    if mod.user is not None:
+        if mod.user.args is None:
+            fn, name = mod.user_fn, mod.name
+            kind = usermods.kind(fn, name, called=False)
+        else:
+            name, fn = _user_call(mod.user, mod.user_fn, _filled(mod.user, dims))
+            kind = usermods.kind(fn, name, called=True)
+        return Instance(name, fn, kind, usermods.sha([_source(mod), name]))
+    parts = [p.instance(dims) for p in mod.parts]
+    for part in parts:
+        if part.kind != "mask_mod":
+            raise ValueError(f"mod '{mod.name}': '{part.name}' {NOT_MASK}")
+    fns = tuple(
+        p.fn if p.fn is not None else _builtin_mask(m, dims) for p, m in zip(parts, mod.parts)
+    )
+    name = _join(mod.op, mod.parts, [p.name for p in parts])
+    sha = usermods.sha([_source(mod), name]) if any(p.sha for p in parts) else ""
+    return Instance(name, _compose(mod.op, fns), "mask_mod", sha)
+
+
+def _builtin_mask(mod: Mod, dims: Dims) -> Callable:
+    return mod.build(dims).mask_mod
+
+
+def _source(mod: Mod) -> str:
+    """The source hashes of every user module in a mod, in order."""
+    if mod.user is not None:
+        return usermods.source_sha(mod.user.module)
+    return ",".join(_source(p) for p in mod.parts)
+
+
+def _join(op: str, parts: tuple[Mod, ...], names: list[str]) -> str:
+    """Parts joined by op; an `|` inside an `&` keeps its brackets (`&` binds tighter)."""
+    return f" {op} ".join(
+        f"({n})" if p.op == "|" and op == "&" else n for p, n in zip(parts, names)
+    )
 
 
 def builtin_names() -> str:
@@ -277,36 +424,99 @@ def _parse_param(name: str, raw: str, info: ModInfo) -> float:
     return value
 
 
-def _load_user(spec: str) -> Callable:
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # noqa: BLE001 - a user module may fail to import in any way
-        raise ValueError(
-            f"cannot import mod '{spec}' ({type(exc).__name__}: {exc}); "
-            f"use a built-in ({builtin_names()}) or an importable package.module:function"
-        ) from None
-    if not callable(fn):
-        raise ValueError(f"mod '{spec}' is not callable; give a score_mod(score, b, h, q, kv)")
-    return fn
-
-
 @lru_cache
 def resolve(spec: str) -> Mod:
-    """Parse a mod spec (`causal`, `softcap:20`, `pkg.mod:fn`); ValueError names what's wrong."""
-    name, sep, raw = spec.strip().partition(":")
+    """Parse a mod spec (`causal`, `softcap:20`, `pkg.mod:fn`, `pkg.mod:make({kv_len})`,
+    `causal & pkg.mod:fn`); ValueError names what's wrong."""
+    return _parse(spec.strip(), spec.strip())
+
+
+def _parse(text: str, whole: str) -> Mod:
+    for op in ("|", "&"):
+        pieces = _split(text, op)
+        if len(pieces) > 1:
+            return _composed(op, [_parse(p, whole) for p in pieces], whole)
+    if _bracketed(text):
+        return _parse(text[1:-1].strip(), whole)
+    if not text:
+        raise ValueError(f"mod '{whole}': & and | need a mask spec on each side")
+    return _atom(text)
+
+
+def _composed(op: str, parts: list[Mod], whole: str) -> Mod:
+    flat = tuple(q for p in parts for q in (p.parts if p.op == op else (p,)))
+    for part in flat:
+        static = _static_kind(part)
+        if static not in (None, "mask_mod"):
+            raise ValueError(f"mod '{whole}': '{part.name}' {NOT_MASK}")
+    return Mod(_join(op, flat, [p.name for p in flat]), op=op, parts=flat)
+
+
+def _static_kind(mod: Mod) -> str | None:
+    """A part's kind when known without a config (None: a factory's, known per config)."""
+    if mod.info is not None:
+        return "mask_mod" if mod.info.mask else "score_mod"
+    if mod.user is not None:
+        called = mod.user.args is not None
+        return None if called else usermods.kind(mod.user_fn, mod.name, called=False)
+    return "mask_mod"
+
+
+def _split(text: str, op: str) -> list[str]:
+    """`text` split at `op` outside brackets and quotes."""
+    pieces, depth, quote, start, i = [], 0, "", 0, 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            i += ch == "\\"
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == op and depth == 0:
+            pieces.append(text[start:i].strip())
+            start = i + 1
+        i += 1
+    return [*pieces, text[start:].strip()]
+
+
+def _bracketed(text: str) -> bool:
+    """`(...)` around the whole text (not a factory call's brackets)."""
+    if not text.startswith("("):
+        return False
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return i == len(text) - 1
+    return False
+
+
+def _atom(text: str) -> Mod:
+    name, sep, raw = text.partition(":")
     info = BUILTINS.get(name)
-    if info is None:
-        if sep and raw.isidentifier() and all(p.isidentifier() for p in name.split(".")):
-            return Mod(spec.strip(), user_fn=_load_user(spec.strip()))
+    if info is not None:
+        if info.param is None and not sep:
+            return Mod(name, info)
+        value = _parse_param(name, raw, info) if sep else float(info.default)
+        return Mod(f"{name}:{_format_param(value)}", info, value)
+    user = usermods.parse(text)
+    if user is None:
         raise ValueError(
-            f"unknown mod '{spec}'; built-in mods: {builtin_names()} "
-            "(or a user score_mod as package.module:function)"
+            f"unknown mod '{text}'; built-in mods: {builtin_names()} "
+            f"(or a user mod as {usermods.USER_HINT})"
         )
-    if info.param is None and not sep:
-        return Mod(name, info)
-    value = _parse_param(name, raw, info) if sep else float(info.default)
-    return Mod(f"{name}:{_format_param(value)}", info, value)
+    hint = f"; use a built-in ({builtin_names()}) or an importable {usermods.USER_HINT}"
+    obj = usermods.import_object(user, text, hint)
+    mod = Mod(user.name, user_fn=obj, user=user)
+    if user.args is None:
+        usermods.kind(obj, user.name, called=False)
+    elif not callable(obj):
+        raise ValueError(f"mod '{text}' is not callable, so it cannot make a mod")
+    return mod
 
 
 def _format_param(value: float) -> str:

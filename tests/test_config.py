@@ -211,9 +211,9 @@ def test_params_are_the_contract_names_as_strings():
     assert c.params() == {
         "shape": "8,16,4096,128", "batch": "8", "heads": "16", "kv_heads": "4",
         "q_len": "4096", "kv_len": "4096", "head_dim": "128", "dtype": "bfloat16",
-        "score_mod": "causal", "device": "cuda", "calculate_bwd": "true", "dynamic": "false",
-        "max_autotune": "false", "timer": "cudagraph", "regime": "burst", "max_noise": "0.005",
-        "min_samples": "10", "max_time": "2.0", "throttle_threshold": "0.9",
+        "score_mod": "causal", "align": "end", "device": "cuda", "calculate_bwd": "true",
+        "dynamic": "false", "max_autotune": "false", "timer": "cudagraph", "regime": "burst",
+        "max_noise": "0.005", "min_samples": "10", "max_time": "2.0", "throttle_threshold": "0.9",
         "baselines": "sdpa", "flex_backend": "auto",
         "ko_BLOCK_M": "64", "ko_PRESCALE_QK": "false",
     }
