@@ -57,7 +57,7 @@ def mod_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     """Mod specs, each resolved now so a bad name fails before anything runs."""
     from flexbench import mods as mods_mod  # imports torch: only for commands that need it
 
-    names = _split(values)
+    names = [v for raw in values for v in mods_mod.split_top(str(raw), ",") if v]
     for name in names:
         try:
             mods_mod.resolve(name)
@@ -230,7 +230,8 @@ def _default_device(device: str) -> str:
     default=("noop,causal,rel,head_bias",),
     callback=mod_list,
     show_default=True,
-    help="mods: built-in names (see `flexbench mods`) or package.module:function",
+    help="mods: built-in names, package.module:name[(args)] user mods, a & b compositions "
+    "(see `flexbench mods`)",
 )
 @click.option(
     "-dtype",
@@ -325,6 +326,21 @@ def _default_device(device: str) -> str:
     show_default=True,
     help="flex's kernel_options BACKEND, an axis of the sweep: auto, triton, flash, "
     "triton_decode (a backend that cannot run fails its config, never falls back)",
+)
+@click.option(
+    "--align",
+    type=click.Choice(["end", "start"]),
+    default="end",
+    show_default=True,
+    help="when q_len != kv_len, query i sits at key position i + kv_len - q_len (end, as in "
+    "decoding) or i (start); for the built-in masks, and {align} in user specs",
+)
+@click.option(
+    "--reference",
+    default="",
+    metavar="MODULE:NAME[(ARGS)]",
+    help="reference(q, k, v, scale) -> output of the one mod in -mods: the check compares "
+    "flex against it instead of the dense form of the mod",
 )
 @click.option("--experiment", default="flexbench", show_default=True, help="MLflow experiment")
 @click.option(
@@ -443,23 +459,41 @@ def _call_api(fn: Callable, opts: dict) -> object:
         raise click.ClickException(str(exc)) from None
 
 
+MOD_GRAMMAR = """\
+A parameter goes after a colon (sliding_window:128). Your own mods, from an installed
+package or a module in the current directory:
+
+  pkg.module:name           name(b, h, q_idx, kv_idx) is a mask_mod (block-sparse, baseline
+                            SDPA with the dense mask), name(score, b, h, q_idx, kv_idx) a
+                            score_mod (baseline eager math), told apart by their arity
+  pkg.module:name(args)     name(args) returns the mod; args are Python literals, positional
+                            or key=value, and placeholders filled per config: {batch} {heads}
+                            {kv_heads} {q_len} {kv_len} {head_dim} {align} {device}
+  a & b, a | b              mask specs combined (and_masks, or_masks); & binds tighter, ( )
+                            group: causal & pkg.module:doc_mask({kv_len})
+  fn.additive = True        a score_mod that only adds a bias: baseline SDPA with the bias
+  fn.reference              reference(q, k, v, scale) -> output; the check compares flex
+                            against it (or --reference MODULE:NAME for the run)
+
+Param score_mod is the spec with placeholders filled; mod_sha hashes the mod's module
+source, so `run --resume` measures a mod again after its source changed."""
+
+
 @cli.command("mods")
 def list_mods() -> None:
-    """List built-in mods with their parameter.
+    """List built-in mods with their parameter, and how to name your own.
 
     \b
     Example:
       flexbench run -mods causal,sliding_window:128,softcap:30
+      flexbench run -mods 'causal & my_mods:doc_mask({kv_len})'
     """
     from tabulate import tabulate
 
     from flexbench import mods as mods_mod
 
     click.echo(tabulate(mods_mod.describe(), headers="keys", tablefmt="github"))
-    click.echo(
-        "\nA parameter goes after a colon (sliding_window:128); a user score_mod is "
-        "named package.module:function."
-    )
+    click.echo("\n" + MOD_GRAMMAR)
 
 
 @cli.command("baselines")
@@ -850,6 +884,7 @@ TUNE_SHARED = {
     "min_samples": None,
     "max_time": None,
     "throttle_threshold": None,
+    "align": None,
     "experiment": None,
     "tracking_uri": None,
     "tracking_timeout": None,

@@ -83,12 +83,16 @@ def _mod_name(spec: object) -> str:
 def _instance(c: BenchConfig) -> mods.Instance:
     """The config's mod at its sizes (a factory is called: its result must be a mod)."""
     try:
-        inst = mods.resolve(c.score_mod).instance(c.dims())
-        if c.reference:
-            mods.load_reference(c.reference, c.dims())
+        return mods.resolve(c.score_mod).instance(c.dims())
     except ValueError as exc:
         raise ValueError(f"score_mod: {exc}") from None
-    return inst
+
+
+def _check_reference(c: BenchConfig) -> None:
+    try:
+        mods.load_reference(c.reference, c.dims())
+    except ValueError as exc:
+        raise ValueError(f"reference: {exc}") from None
 
 
 def canonical_kernel_options(options: dict | str | None) -> str:
@@ -163,6 +167,8 @@ class BenchConfig:
         _choice("align", self.align, mods.ALIGNS)
         set_(self, "score_mod", _mod_name(self.score_mod))
         _instance(self)
+        if self.reference:
+            _check_reference(self)
         set_(self, "kernel_options", canonical_kernel_options(self.kernel_options))
         if "BACKEND" in self.kernel_options_dict and self.flex_backend != "auto":
             raise ValueError("flex's BACKEND is set twice: by flex_backend and kernel_options")

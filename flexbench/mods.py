@@ -433,7 +433,7 @@ def resolve(spec: str) -> Mod:
 
 def _parse(text: str, whole: str) -> Mod:
     for op in ("|", "&"):
-        pieces = _split(text, op)
+        pieces = split_top(text, op)
         if len(pieces) > 1:
             return _composed(op, [_parse(p, whole) for p in pieces], whole)
     if _bracketed(text):
@@ -462,7 +462,7 @@ def _static_kind(mod: Mod) -> str | None:
     return "mask_mod"
 
 
-def _split(text: str, op: str) -> list[str]:
+def split_top(text: str, op: str) -> list[str]:
     """`text` split at `op` outside brackets and quotes."""
     pieces, depth, quote, start, i = [], 0, "", 0, 0
     while i < len(text):

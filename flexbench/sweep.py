@@ -111,6 +111,11 @@ def configs_from_args(
     )
     if decode:
         seq_lens, kv_lens = [1], list(kv_lens) or list(seq_lens)
+    if common.get("reference") and len(score_mods) != 1:
+        raise ValueError(
+            f"--reference is the reference of one mod, got {len(score_mods)} in -mods; "
+            "measure one mod, or attach fn.reference to each mod instead"
+        )
     configs = expand_sweep(
         batch,
         heads,
@@ -303,6 +308,8 @@ def run(
     throttle_threshold: float = 0.9,
     baselines: str = "sdpa",
     flex_backends: Sequence[str] = ("auto",),
+    align: str = "end",
+    reference: str = "",
     experiment: str = "flexbench",
     tracking_uri: str | None = None,
     tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
@@ -351,6 +358,8 @@ def run(
         max_time=max_time,
         throttle_threshold=throttle_threshold,
         baselines=baselines,
+        align=align,
+        reference=reference,
     )
     if config_file:
         filled = []

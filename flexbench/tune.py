@@ -439,6 +439,7 @@ def run(
     min_samples: int = 10,
     max_time: float | None = None,
     throttle_threshold: float = 0.9,
+    align: str = "end",
     grid: str | dict | None = None,
     autotune: bool = True,
     experiment: str = "flexbench",
@@ -472,6 +473,7 @@ def run(
         min_samples=min_samples,
         max_time=max_time,
         throttle_threshold=throttle_threshold,
+        align=align,
     )
     smem = smem_limit(device)
     plans = [plan(c, grid_, autotune, smem) for c in configs]

@@ -19,8 +19,12 @@ CPU = dict(batch=1, heads=2, head_dim=16, dtype="float32", device="cpu")
 CAUSAL = BenchConfig(q_len=256, score_mod="causal", **CPU)  # 2×2 blocks, 1 skipped
 EXPLODE = BenchConfig(q_len=128, score_mod="tests.user_mods:explode", **CPU)
 DECODE = BenchConfig(**{**CPU, "heads": 4}, kv_heads=2, q_len=1, kv_len=128)  # GQA, noop
-WRONG = BenchConfig(q_len=128, score_mod="tests.user_mods:rank_sensitive", **CPU)
-SWEEP = [CAUSAL, EXPLODE, DECODE, WRONG]
+# ALiBi with its sign flipped, carrying the right ALiBi as its reference: flex computes the mod
+# faithfully, the mod is wrong, and the check must say so.
+WRONG = BenchConfig(q_len=128, score_mod="tests.user_mods:generate_alibi_flipped({heads})", **CPU)
+# A user mask factory filled per config: 2 documents of one 128-block each.
+DOCS = BenchConfig(q_len=256, score_mod="tests.user_mods:generate_doc_mask({kv_len}, 2)", **CPU)
+SWEEP = [CAUSAL, EXPLODE, DECODE, WRONG, DOCS]
 # Settings a caller had before the sweep: the sweep must hand them back unchanged.
 OUTER = {"recompile_limit": 5, "accumulated_recompile_limit": 300,
          "fail_on_recompile_limit_hit": False, "automatic_dynamic_shapes": True}
@@ -47,7 +51,7 @@ def test_sweep_gives_one_result_per_config_in_order(sweep):
     results = sweep["results"]
     assert [r.config for r in results] == SWEEP
     assert [r for r, _ in sweep["seen"]] == results  # on_result saw each as it landed
-    assert [r.ok for r in results] == [True, False, True, False]
+    assert [r.ok for r in results] == [True, False, True, False, True]
 
 
 def test_failing_config_is_one_line_and_the_sweep_goes_on(sweep):
@@ -98,6 +102,16 @@ def test_wrong_output_fails_the_check_and_is_never_timed(sweep):
     assert r.error.endswith("(float32); not timed")
     assert r.metrics["max_abs_err"] > 1e-3  # logged, so the failure can be judged
     assert "fwd_speedup" not in r.metrics and "fwd_compiled_us" not in r.metrics
+
+
+def test_a_user_mask_factory_is_block_sparse_with_an_sdpa_baseline(sweep):
+    r = sweep["results"][4]
+    assert r.ok and r.baseline == "sdpa_attn_mask"
+    assert r.metrics["sparsity"] == pytest.approx(0.5)  # the 2 off-diagonal blocks skipped
+    assert r.metrics["max_abs_err"] < 1e-4 and r.metrics["fwd_speedup"] > 0
+    params = r.record()["params"]
+    assert params["score_mod"] == "tests.user_mods:generate_doc_mask(256, 2)"
+    assert params["mod_sha"] == DOCS.mod_sha and len(DOCS.mod_sha) == 12
 
 
 def test_dynamo_settings_hold_during_the_sweep_and_are_restored(sweep):

@@ -58,6 +58,16 @@ def generate_doc_mask(length, documents):
     return doc_mask
 
 
+def generate_causal(q_len, kv_len, align):
+    """Causal for any lengths, aligned as flexbench's --align says (`{align}`)."""
+    offset = kv_len - q_len if align == "end" else 0
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return causal
+
+
 def heads_see_more(b, h, q_idx, kv_idx):
     """Differs per head and batch element: the BlockMask must be per (b, h)."""
     return kv_idx <= q_idx + 64 * h + 32 * b
@@ -138,5 +148,3 @@ def generate_alibi(heads):
 
     alibi.reference = alibi_reference(heads)
     return alibi
-
-
