@@ -154,11 +154,15 @@ def _expand_kv(t: Tensor, heads: int) -> Tensor:
     return t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t
 
 
-def dense_scores(q: Tensor, k: Tensor, built: mods.Built, scale: float, b: Tensor) -> Tensor:
-    """transform(scale·QKᵀ) + bias, masked with -inf: the scores the softmax sees."""
+def dense_scores(
+    q: Tensor, k: Tensor, built: mods.Built, scale: float, b: Tensor, chunked: bool = False
+) -> Tensor:
+    """transform(scale·QKᵀ) + bias, masked with -inf: the scores the softmax sees (a user
+    transform `chunked` in query rows when asked, to bound its memory)."""
     s = (q @ _expand_kv(k, q.shape[1]).transpose(-2, -1)) * scale
     if built.transform is not None:
-        s = built.transform(s, b)
+        transform = getattr(built.transform, "chunked", None) if chunked else None
+        s = (transform or built.transform)(s, b)
     if built.bias is not None:
         s = s + built.bias.to(s.dtype)
     if built.mask is not None:
@@ -217,7 +221,7 @@ def reference(
             t[i : i + 1].detach().to(ref).requires_grad_(dout is not None) for t in (q, k, v)
         )
         b = torch.full((1, 1, 1, 1), i, device=q.device)
-        s = dense_scores(qi, ki, _batch_item(built, i), scale, b)
+        s = dense_scores(qi, ki, _batch_item(built, i), scale, b, chunked=True)
         p = _softmax(s)
         blind += _finite_rows(s, p)
         out = p.nan_to_num(0.0).to(ref) @ _expand_kv(vi, q.shape[1])

@@ -317,7 +317,7 @@ def _user_built(inst: Instance, d: Dims) -> Built:
         zero = torch.zeros((), device=d.device)
         bias = usermods.evaluate(lambda b, h, q, kv: fn(zero, b, h, q, kv), *size)
         return Built(score_mod=fn, bias=bias)
-    return Built(score_mod=fn, transform=lambda s, b: usermods.apply_score_mod(fn, s, b))
+    return Built(score_mod=fn, transform=usermods.ScoreTransform(fn))
 
 
 def _attached_reference(mod: Mod, inst: Instance) -> Callable | None:

@@ -504,10 +504,12 @@ NOT_COMPARABLE = "not comparable"
 
 
 def match_key(row: dict) -> tuple[str, ...]:
-    """Shape, kv heads/length, dtype, mod, device, compile options, timer and kernel options:
-    equal for the same config measured under any torch/GPU (environment is not identity)."""
+    """Shape, kv heads/length, dtype, mod (and a user mod's source hash, alignment), device,
+    compile options, timer and kernel options: equal for the same config measured under any
+    torch/GPU (environment is not identity). Runs logged before `align` existed aligned end."""
     options = sorted(f"{k}={row[k]}" for k in row if k.startswith("ko_"))
-    return (*(str(row.get(k, "")) for k in MATCH), *options)
+    mod = (str(row.get("mod_sha", "")), str(row.get("align") or "end"))
+    return (*(str(row.get(k, "")) for k in MATCH), *mod, *options)
 
 
 def spread(row: dict, timing: str) -> float:

@@ -176,21 +176,33 @@ def _vmapped(fn: Callable, with_score: bool) -> Callable:
     return torch.vmap(fn, in_dims=prefix + (0, None, None, None))
 
 
-def apply_score_mod(fn: Callable, scores: Tensor, b: Tensor) -> Tensor:
-    """score_mod applied to scores [B', H, Q, KV] of batch indices `b` (B' values), in chunks
-    of query rows."""
+def apply_score_mod(fn: Callable, scores: Tensor, b: Tensor, rows: int | None = None) -> Tensor:
+    """score_mod applied to scores [B', H, Q, KV] of batch indices `b` (B' values): in one
+    call, or in chunks of `rows` query rows."""
     device = scores.device
     _, heads, q_len, kv_len = scores.shape
     h, kv = torch.arange(heads, device=device), torch.arange(kv_len, device=device)
-    rows = max(1, CHUNK // scores[:, :, :1].numel())
-    call = _vmapped(fn, with_score=True)
-    return torch.cat(
-        [
-            call(scores[:, :, i : i + rows], b.reshape(-1), h, _rows(i, rows, q_len, device), kv)
-            for i in range(0, q_len, rows)
-        ],
-        dim=2,
-    )
+    call, rows = _vmapped(fn, with_score=True), rows or q_len
+    parts = [
+        call(scores[:, :, i : i + rows], b.reshape(-1), h, _rows(i, rows, q_len, device), kv)
+        for i in range(0, q_len, rows)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+@dataclass(frozen=True)
+class ScoreTransform:
+    """A user score_mod on dense scores: whole, as the eager baseline times it (no copies
+    added), or `chunked` in query rows, as the reference computes it (memory bounded)."""
+
+    fn: Callable
+
+    def __call__(self, scores: Tensor, b: Tensor) -> Tensor:
+        return apply_score_mod(self.fn, scores, b)
+
+    def chunked(self, scores: Tensor, b: Tensor) -> Tensor:
+        rows = max(1, CHUNK // scores[:, :, :1].numel())
+        return apply_score_mod(self.fn, scores, b, rows)
 
 
 def _rows(start: int, count: int, q_len: int, device: str | torch.device) -> Tensor:

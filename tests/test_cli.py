@@ -59,7 +59,7 @@ USAGE_ERRORS = {
                           ["heads (16)", "divisible", "kv_heads (3)"]),
     "user mod missing": (["-mods", "no_such_pkg.mods:bias"],
                          ["cannot import mod 'no_such_pkg.mods:bias'", "No module named",
-                          "package.module:function"]),
+                          "package.module:name"]),
     "unknown baseline": (["--baseline", "sdpa,flash"],
                          ["'--baseline'", "unknown baseline 'flash'", "sdpa_flash"]),
     "baseline twice": (["--baseline", "sdpa", "--baseline", "sdpa"], ["named twice"]),
