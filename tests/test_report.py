@@ -535,7 +535,7 @@ def test_repro_command_spells_out_every_field_of_the_config():
         "--baseline sdpa,eager_math --flex-backend flash"
     )
     names = ("calculate_bwd", "dynamic", "max_autotune", "kernel_options", "device", "timer",
-             "regime", "max_noise", "min_samples", "max_time", "throttle_threshold")
+             "regime", "max_noise", "min_samples", "max_time", "throttle_threshold", "align")
     for config in (c, named):
         p = cli.run.make_context("run", shlex.split(repro.command(config))[2:]).params
         args = [p[k] for k in ("batch", "heads", "seq_lens", "head_dims", "score_mods", "dtypes")]

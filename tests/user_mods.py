@@ -48,9 +48,9 @@ def generate_window(window):
     return window_mask
 
 
-def generate_doc_mask(length, documents):
+def generate_doc_mask(length, documents, device="cpu"):
     """A factory that needs the config's length (`{kv_len}`): equal packed documents."""
-    doc = torch.arange(length) * documents // length
+    doc = torch.arange(length, device=device) * documents // length
 
     def doc_mask(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
@@ -66,6 +66,19 @@ def generate_causal(q_len, kv_len, align):
         return q_idx + offset >= kv_idx
 
     return causal
+
+
+def generate_document_mask(kv_len, q_len, documents, device="cpu"):
+    """The built-in document_mask:N written as a user factory (the same function), for
+    comparing the two: documents of lengths in proportion 1:2:...:N, queries aligned end."""
+    from flexbench.mods import document_ids
+
+    doc, offset = document_ids(kv_len, documents, device), kv_len - q_len
+
+    def document_mask(b, h, q_idx, kv_idx):
+        return doc[q_idx + offset] == doc[kv_idx]
+
+    return document_mask
 
 
 def heads_see_more(b, h, q_idx, kv_idx):
@@ -119,8 +132,10 @@ def alibi_reference(heads):
     """ALiBi attention computed with SDPA: reference(q, k, v, scale) -> out."""
 
     def reference(q, k, v, scale):
-        slopes = torch.exp2(-8.0 * torch.arange(1, heads + 1, dtype=q.dtype) / heads)
-        pos = torch.arange(q.shape[2], dtype=q.dtype)
+        slopes = torch.exp2(
+            -8.0 * torch.arange(1, heads + 1, dtype=q.dtype, device=q.device) / heads
+        )
+        pos = torch.arange(q.shape[2], dtype=q.dtype, device=q.device)
         bias = slopes.view(-1, 1, 1) * (pos.view(1, 1, -1) - pos.view(1, -1, 1))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
@@ -139,9 +154,9 @@ def generate_alibi_flipped(heads):
     return alibi
 
 
-def generate_alibi(heads):
+def generate_alibi(heads, device="cpu"):
     """ALiBi, right this time, with the same reference: passes."""
-    slopes = torch.exp2(-8.0 * torch.arange(1, heads + 1) / heads)
+    slopes = torch.exp2(-8.0 * torch.arange(1, heads + 1, device=device) / heads)
 
     def alibi(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx)
