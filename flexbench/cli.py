@@ -465,13 +465,14 @@ package or a module in the current directory:
 
   pkg.module:name           name(b, h, q_idx, kv_idx) is a mask_mod (block-sparse, baseline
                             SDPA with the dense mask), name(score, b, h, q_idx, kv_idx) a
-                            score_mod (baseline eager math), told apart by their arity
+                            score_mod (SDPA cannot run it: --baseline sdpa,eager_math), told
+                            apart by their arity
   pkg.module:name(args)     name(args) returns the mod; args are Python literals, positional
                             or key=value, and placeholders filled per config: {batch} {heads}
                             {kv_heads} {q_len} {kv_len} {head_dim} {align} {device}
   a & b, a | b              mask specs combined (and_masks, or_masks); & binds tighter, ( )
                             group: causal & pkg.module:doc_mask({kv_len})
-  fn.additive = True        a score_mod that only adds a bias: baseline SDPA with the bias
+  fn.additive = True        a score_mod that only adds a bias: SDPA runs it with the bias
   fn.reference              reference(q, k, v, scale) -> output; the check compares flex
                             against it (or --reference MODULE:NAME for the run)
 

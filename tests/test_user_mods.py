@@ -222,33 +222,38 @@ def test_a_mod_that_sees_0d_indices_is_the_function_flex_computes():
 # --- checks that garbage cannot pass ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def garbage():
-    """Configs that must fail before compiling anything (so each costs milliseconds)."""
-    specs = {
-        "nan": f"{U}:log_score",
-        "all_masked": f"{U}:mask_everything",
-        "false_additive": f"{U}:squash",
-    }
-    return {k: measure.Bench().run(cfg(s, 128)) for k, s in specs.items()}
+def _reference_of(spec: str):
+    c = cfg(spec, 128)
+    built = mods.resolve(c.score_mod).build(c.dims())
+    q, k, v = measure.make_inputs(c, requires_grad=False)
+    return built, (q, k, v), measure.reference(q, k, v, built, 0.25, None)
 
 
-def test_a_mod_that_makes_nan_fails_before_nan_to_num_hides_it(garbage):
-    r = garbage["nan"]
+def test_a_mod_that_makes_nan_fails_before_nan_to_num_hides_it():
+    with pytest.raises(measure.CheckFailed) as info:
+        _reference_of(f"{U}:log_score")
+    assert str(info.value).startswith("mod produces NaN: ")
+    assert str(info.value).endswith("hold NaN/inf scores or probabilities; not timed")
+
+
+def test_a_failed_check_is_the_configs_error_and_it_is_not_timed():
+    r = measure.Bench().run(cfg(f"{U}:log_score", 128))  # compiles: the check follows
     assert r.error.startswith("CheckFailed: mod produces NaN: ")
-    assert r.error.endswith("not fully masked hold NaN/inf scores or probabilities; not timed")
-    assert r.record()["status"] == "FAILED" and "fwd_compiled_us" not in r.metrics
+    assert r.record()["status"] == "FAILED" and r.record()["error"] == r.error
+    assert "fwd_compiled_us" not in r.metrics
 
 
-def test_a_mod_that_masks_everything_fails(garbage):
-    assert garbage["all_masked"].error == (
-        "CheckFailed: the mod masks every score (every output row is 0); not timed"
-    )
+def test_a_mod_that_masks_everything_fails():
+    with pytest.raises(measure.CheckFailed, match=r"^the mod masks every score \(every output"):
+        _reference_of(f"{U}:mask_everything")
 
 
-def test_a_mod_whose_dense_form_is_not_flexs_fails_the_cross_check(garbage):
-    assert garbage["false_additive"].error.startswith(
-        "CheckFailed: mod is not representable densely: eager flex_attention differs"
+def test_a_mod_whose_dense_form_is_not_flexs_fails_the_cross_check():
+    built, (q, k, v), (out, _) = _reference_of(f"{U}:squash")  # marked additive, is not
+    with pytest.raises(measure.CheckFailed) as info:
+        measure.cross_check(q, k, v, built, 0.25, out)
+    assert str(info.value).startswith(
+        "mod is not representable densely: eager flex_attention differs"
     )
 
 
