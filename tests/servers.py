@@ -83,13 +83,18 @@ class MlflowServer:
 class SlowProxy:
     """An HTTP proxy on a free loopback port in front of `target` that holds each request
     whose path contains one of `slow_paths` for `delay_s` before forwarding it: a server
-    that is up but slow (as a loaded 2-core machine makes it), not one that is down."""
+    that is up but slow (as a loaded 2-core machine makes it), not one that is down. The
+    first `busy` such requests are answered 503 (an overloaded server or its proxy)."""
 
-    def __init__(self, target: str, delay_s: float, slow_paths: tuple[str, ...]) -> None:
+    def __init__(
+        self, target: str, delay_s: float, slow_paths: tuple[str, ...], busy: int = 0
+    ) -> None:
         self.target = target.rstrip("/")
         self.delay_s = delay_s
         self.slow_paths = slow_paths
+        self.busy = busy
         self.delayed = 0
+        self.refused = 0
         self.port = free_port()
         self._server = None
 
@@ -122,6 +127,10 @@ class SlowProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 if any(p in self.path for p in proxy.slow_paths):
+                    if proxy.refused < proxy.busy:
+                        proxy.refused += 1
+                        self.send_error(503, "busy")
+                        return
                     proxy.delayed += 1
                     time.sleep(proxy.delay_s)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}

@@ -379,6 +379,15 @@ def test_a_slow_server_is_waited_for_not_declared_unreachable(mlflow_server):
     assert child.info.status == "FINISHED" and "fwd_speedup" in child.data.metrics
 
 
+def test_a_busy_server_503_is_tried_again_with_backoff(mlflow_server, tmp_path):
+    """More 503 answers than MLflow's own retries of one request: the step is tried again."""
+    busy = 4  # MLflow tries a request 3 times: the step's second try meets the 4th 503
+    with SlowProxy(mlflow_server.uri, 0, ("experiments/get-by-name",), busy=busy) as proxy:
+        tracker = tracking.Tracker(proxy.uri, "busy-server", tracking.Journal(tmp_path / "j"))
+        assert tracker.connect(), tracker.offline
+    assert (proxy.refused, proxy.delayed) == (busy, 1) and tracker.waits >= 1
+
+
 def test_sync_completes_a_half_logged_child_and_an_unfinished_sweep_run(mlflow_server):
     """The server died between a child's create_run and its log_batch, then at the end."""
     out = sweep.run_sweep(tiny("noop"), "half-logged", dead_uri(), progress=False, warn=print)
