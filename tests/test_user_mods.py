@@ -395,3 +395,29 @@ def test_a_score_mod_chunked_in_query_rows_equals_it_whole():
     chunks = measure.mods.usermods.apply_score_mod(fn.fn, scores, b, rows=3)
     torch.testing.assert_close(chunks, whole, rtol=0, atol=1e-6)  # float32 TABLE dots
     assert not torch.allclose(whole, scores)
+
+
+def test_a_user_copy_of_a_built_in_mask_gets_the_same_baseline_and_sparsity():
+    # The same function must give the same headline: the same dense mask, SDPA on it.
+    spec = f"{U}:generate_document_mask({{kv_len}}, {{q_len}}, 4, {{device}})"
+    user, built_in = cfg(spec, 256, kv_len=512), cfg("document_mask:4", 256, kv_len=512)
+    a, b = (mods.resolve(c.score_mod).build(c.dims()) for c in (user, built_in))
+    assert torch.equal(a.mask, b.mask) and a.baseline == b.baseline == "sdpa_attn_mask"
+    masks = [measure.Bench().block_mask(c, x) for c, x in ((user, a), (built_in, b))]
+    assert measure.block_density(masks[0]) == measure.block_density(masks[1]) < 1
+
+
+def test_mods_command_shows_the_grammar(capsys):
+    main(["mods"])
+    out = capsys.readouterr().out
+    assert "document_mask" in out
+    for words in (
+        "pkg.module:name(args)",
+        "{kv_len}",
+        "{align}",
+        "a & b, a | b",
+        "fn.additive = True",
+        "fn.reference",
+        "mod_sha",
+    ):
+        assert words in out, words
