@@ -25,7 +25,11 @@ QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
-    return [v.strip() for raw in values for v in str(raw).split(",") if v.strip()]
+    """Comma lists or repeated flags as one list; BadParameter when given but empty."""
+    out = [v.strip() for raw in values for v in str(raw).split(",") if v.strip()]
+    if values and not out:
+        raise click.BadParameter("is empty: give at least one value")
+    return out
 
 
 def _not_auto(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -416,7 +420,7 @@ def run(**opts: object) -> None:
     outcome = _call_api(api.run, opts)
     if outcome.records:
         click.echo(outcome.tables())
-    click.echo(api.closing_line(outcome), err=True)
+    click.echo(api.closing_line(outcome, sys.argv[1:]), err=True)
     hint = api.next_commands(outcome, str(opts["experiment"]), opts["tracking_uri"])
     if hint:
         click.echo(hint, err=True)
@@ -520,27 +524,74 @@ def list_baselines() -> None:
 @cli.command()
 @click.option("--journal", default=None, help="journal to upload (default as for run)")
 @click.option("--tracking-uri", default=None, help="server (default: $MLFLOW_TRACKING_URI)")
-def sync(journal: str | None, tracking_uri: str | None) -> None:
+@click.option("--status", is_flag=True, help="list what each server has, owes and refused")
+@click.option("--retry-failed", is_flag=True, help="try results a server refused once more")
+def sync(journal: str | None, tracking_uri: str | None, status: bool, retry_failed: bool) -> None:
     """Upload journalled results not yet on the tracking server, exactly once.
 
+    A result the server refuses for good (e.g. an invalid name) is marked failed and the rest
+    goes on; `--status` lists it with the reason.
+
     \b
-    Example:
+    Examples:
       MLFLOW_TRACKING_URI=http://mlflow.lan:5000 flexbench sync
+      flexbench sync --status
     """
     from flexbench import tracking
 
-    uri = tracking.resolve_uri(tracking_uri)
     j = tracking.Journal(journal)
     if not j.path.exists():
         raise click.ClickException(f"no journal at {j.path}; pass --journal PATH")
+    if status:
+        click.echo(_sync_status(tracking.sync_status(j)))
+        _warn_bad_lines(j)
+        return
+    uri = _call_api(tracking.check_uri, {"uri": tracking.resolve_uri(tracking_uri)})
     try:
-        rep = tracking.sync(j, uri)
+        rep = tracking.sync(j, uri, retry_failed)
     except tracking.TrackingError as exc:
+        _warn_bad_lines(j)
         raise click.ClickException(str(exc)) from None
-    click.echo(
+    _warn_bad_lines(j)
+    click.echo(_sync_line(rep, tracking.redact(uri)))
+    if rep.quarantined:
+        for line in rep.quarantined:
+            click.echo(f"refused: {line}", err=True)
+        raise click.ClickException(
+            f"{len(rep.quarantined)} result(s) refused by the server for good (listed above, "
+            "and by `flexbench sync --status`); fix and run `flexbench sync --retry-failed`"
+        )
+
+
+def _sync_line(rep: object, where: str) -> str:
+    line = (
         f"synced {rep.uploaded} new results ({rep.already} already there) in "
-        f"{rep.sweeps} sweeps to {tracking.redact(uri)}"
+        f"{rep.sweeps} sweeps to {where}"
     )
+    if rep.held:
+        line += f"; {rep.held} refused earlier, skipped (see `flexbench sync --status`)"
+    if rep.running:
+        line += f"; {rep.running} sweep(s) still running here, left alone"
+    return line
+
+
+def _sync_status(statuses: list) -> str:
+    """`sync --status`: per server, synced / pending counts and each refused result."""
+    if not statuses:
+        return "nothing synced yet: every result in the journal is pending"
+    lines = []
+    for st in statuses:
+        lines.append(
+            f"{st.target}: {st.synced} synced, {st.pending} pending, {len(st.refused)} refused"
+        )
+        lines += [f"  refused: {what}: {why}" for what, why in st.refused]
+    return "\n".join(lines)
+
+
+def _warn_bad_lines(journal: object) -> None:
+    note = journal.bad_note()
+    if note:
+        click.echo(note, err=True)
 
 
 REPORT_FORMAT = click.Choice(["table", "csv", "json", "markdown"])  # = report.FORMATS

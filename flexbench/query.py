@@ -240,7 +240,8 @@ class MlflowReader:
         try:
             run = self.client.get_run(run_id)
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            # the basic-auth app answers 403 for a run id it does not know
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"):
                 raise
             return None
         tags = run.data.tags
@@ -470,8 +471,8 @@ def scope(r: MlflowReader | SqlReader, experiment: str, sel: Selection) -> Scope
         run = r.run(sel.sweep)
         if run is None:
             raise NotFound(
-                f"no run '{sel.sweep}' at {tracking.redact(r.uri)}: pass a sweep run id, "
-                "latest or all"
+                f"no such run '{sel.sweep}' (that you may read) at {tracking.redact(r.uri)}: "
+                "pass a sweep run id, latest or all"
             )
         if run.kind != "sweep":
             raise NotFound(f"run '{sel.sweep}' is not a sweep run (flexbench.kind={run.kind})")

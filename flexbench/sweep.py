@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -57,6 +62,9 @@ class Outcome:
     background_s: float = 0.0  # child runs logged on the background thread, overlapped
     problems: list[str] = field(default_factory=list)  # e.g. a GPU worker that died
     phases: dict[str, float] = field(default_factory=dict)  # phase_*_s: where the time went
+    planned: int = 0  # configs this sweep set out to measure (after --resume)
+    interrupted: str = ""  # SIGINT / SIGTERM when the sweep was stopped
+    uri: str = ""  # the tracking URI given (redacted), for the sync hint
 
     @property
     def failed(self) -> int:
@@ -64,6 +72,8 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted:
+            return 128 + int(getattr(signal, self.interrupted, signal.SIGINT))
         return 1 if self.failed or self.offline or self.problems else 0
 
     def tables(self) -> str:
@@ -116,6 +126,9 @@ def configs_from_args(
             f"--reference is the reference of one mod, got {len(score_mods)} in -mods; "
             "measure one mod, or attach fn.reference to each mod instead"
         )
+    empty = [k for k in ("b", "nh", "s", "d", "mods", "dtype") if not list(named[k])]
+    if empty:
+        raise ValueError(f"empty list for {', '.join(empty)}: give at least one value")
     configs = expand_sweep(
         batch,
         heads,
@@ -153,16 +166,23 @@ def run_sweep(
     background thread (`Tracker.log_later`), all of them before this returns.
     `compile_workers` processes compile configs ahead of measuring; `compile_cache` is a file
     of torch cache artifacts loaded before and saved after (precompile.compile_cache).
+    SIGINT/SIGTERM stop the sweep after logging what was measured: its sweep run ends KILLED
+    (`Outcome.interrupted`). ValueError for a name or URI MLflow would refuse.
     """
     start = time.perf_counter()
+    sweep_id = sweep_id or new_sweep_id()
+    check_tracking(experiment, run_name or f"sweep {sweep_id}", tracking_uri)
     device = configs[0].device if configs else "cpu"
     tracker, tags = connect(experiment, tracking_uri, journal, device, tracking_timeout, warn)
-    out = Outcome(sweep_id or new_sweep_id(), journal=str(tracker.journal.path))
+    out = Outcome(sweep_id, journal=str(tracker.journal.path), uri=_hint_uri(tracking_uri))
     configs = _resume(configs, tracker, tags, out, warn) if resume else list(configs)
+    if not configs:
+        return _nothing_to_do(out, warn, start)
+    out.planned = len(configs)
     sweep = sweep_entry(
         out.sweep_id, experiment, sweep_params, tags, run_name or f"sweep {out.sweep_id}"
     )
-    tracker.start(sweep)
+    tracker.start({**sweep, "planned": len(configs)})
     warn_offline(tracker, out, warn)
     last = [sweep["start_ms"]]
     phases = dict.fromkeys(PHASES, 0.0)
@@ -178,12 +198,14 @@ def run_sweep(
         tracker.log_later(entry)
         out.records.append(entry)
         warn_offline(tracker, out, warn)
+        warn_journal(tracker, out, warn)
         if on_result is not None:
             on_result(entry)
         phases["tracking"] += time.perf_counter() - start_log
 
-    with precompile.compile_cache(compile_cache, warn):
+    with stoppable() as stopped, precompile.compile_cache(compile_cache, warn):
         measure.run_sweep(configs, log_result, progress, compile_workers=compile_workers)
+    out.interrupted = stopped[0] if stopped else ""
     tracker.drain()
     phases["tracking"] += tracker.tracking_s
     out.phases = phase_metrics(phases)
@@ -191,8 +213,10 @@ def run_sweep(
         out.records,
         trends=lambda: history.recent_trends(tracker.uri, tracker.exp_id),
         metrics=out.phases,
+        status="KILLED" if out.interrupted else None,
     )
     warn_offline(tracker, out, warn)
+    warn_journal(tracker, out, warn)
     out.run_id, out.tracking_s = tracker.run_id, tracker.tracking_s
     out.experiment_id = tracker.exp_id
     out.background_s = tracker.background_s
@@ -209,6 +233,64 @@ def phase_metrics(phases: dict[str, float]) -> dict[str, float]:
     return {f"phase_{name}_s": phases.get(name, 0.0) for name in PHASES}
 
 
+def check_tracking(experiment: str, run_name: str, tracking_uri: str | None) -> None:
+    """ValueError (one line) for a name or tracking URI MLflow would refuse."""
+    tracking.check_names(experiment, run_name)
+    tracking.check_uri(tracking.resolve_uri(tracking_uri))
+
+
+def _hint_uri(tracking_uri: str | None) -> str:
+    """The --tracking-uri the user gave, redacted, for the `flexbench sync` hint."""
+    return tracking.redact(tracking_uri) if tracking_uri else ""
+
+
+def _nothing_to_do(out: Outcome, warn: Callable[[str], None], start: float) -> Outcome:
+    """No config left to measure: say so, create no sweep run."""
+    warn(f"sweep {out.sweep_id}: nothing to do, no sweep run created")
+    out.wall_s = time.perf_counter() - start
+    return out
+
+
+class Stopped(BaseException):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt."""
+
+
+@contextmanager
+def stoppable() -> Iterator[list[str]]:
+    """Turn SIGINT/SIGTERM into a stop of the `with` body; the list then holds the signal's
+    name. A second signal while the sweep logs what it measured is not caught here."""
+    stopped: list[str] = []
+    main = threading.current_thread() is threading.main_thread()
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Stopped()
+
+    saved = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        yield stopped
+    except KeyboardInterrupt:
+        stopped.append("SIGINT")
+    except Stopped:
+        stopped.append("SIGTERM")
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, saved)
+
+
+def warn_journal(tracker: tracking.Tracker, out: Outcome, warn: Callable[[str], None]) -> None:
+    """Warn once when the journal could not be written; the sweep then ends with exit 1,
+    naming where its results are."""
+    note = tracker.journal_note
+    if note and out.journal != str(tracker.journal.path):
+        warn(f"warning: {note}; measuring goes on")
+        out.journal = str(tracker.journal.path)
+        sync = f"flexbench sync --journal {out.journal}{uri_option(out)}"
+        out.problems.append(f"{note} (upload them with `{sync}`)")
+    lost = f"{len(tracker.unjournalled)} result(s) are in no journal file"
+    if tracker.unjournalled and not any(p.endswith("no journal file") for p in out.problems):
+        out.problems.append(lost)
+
+
 def _resume(
     configs: Sequence[BenchConfig],
     tracker: tracking.Tracker,
@@ -216,15 +298,17 @@ def _resume(
     out: Outcome,
     warn: Callable[[str], None],
 ) -> list[BenchConfig]:
-    done = tracker.resume_keys(tags) if not tracker.offline else None
-    if done is None:
-        return list(configs)
+    done = tracker.resume_keys(tags)
     todo = [c for c in configs if c.config_key() not in done]
     out.skipped = len(configs) - len(todo)
+    where = "journal" if tracker.offline else "server or journal"
     warn(
         f"resume: skipped {out.skipped} of {len(configs)} configs already measured "
-        f"(same torch {tags['torch']}, triton {tags['triton']}, gpu {tags['gpu']})"
+        f"(in the {where}; same torch {tags['torch']}, triton {tags['triton']}, gpu {tags['gpu']})"
     )
+    note = tracker.journal.bad_note()
+    if note:
+        warn(note)
     return todo
 
 
@@ -267,6 +351,8 @@ def sweep_entry(
         "tags": tags,
         "run_name": run_name,
         "start_ms": now_ms(),
+        "host": socket.gethostname(),  # with pid: sync leaves a sweep that still runs alone
+        "pid": os.getpid(),
     }
 
 
@@ -515,7 +601,9 @@ def run_on_gpus(
     `part` (I, N) is this host's shard, so worker k records shard I + N*k of N*len(devices).
     """
     start, warn = time.perf_counter(), warn or warn_stderr
+    check_tracking(track["experiment"], part_name(track, "0/0"), track["tracking_uri"])
     out = Outcome(track["sweep_id"], journal=str(tracking.journal_path(track["journal"])))
+    out.planned, out.uri = len(configs), _hint_uri(track["tracking_uri"])
     warn(f"sweep {out.sweep_id}: {len(configs)} configs over GPUs {','.join(devices)}")
     prepare_store(track)
     with tempfile.TemporaryDirectory(prefix="flexbench-gpus-") as tmp:
@@ -586,6 +674,7 @@ def _collect(out: Outcome, device: str, code: int, result: Path) -> None:
     out.records += part.records
     out.skipped += part.skipped
     out.offline = out.offline or part.offline
+    out.interrupted = out.interrupted or part.interrupted
     out.run_id = ",".join(filter(None, (out.run_id, part.run_id)))
     out.experiment_id = out.experiment_id or part.experiment_id
     out.tracking_s += part.tracking_s
@@ -624,8 +713,11 @@ def sweep_params(**args: object) -> dict[str, str]:
     return {k: v for k, v in out.items() if v != ""}
 
 
-def closing_line(out: Outcome) -> str:
-    """One line: what ran, what failed, where the results are."""
+def closing_line(out: Outcome, argv: Sequence[str] | None = None) -> str:
+    """One line: what ran, what failed, where the results are; after an interruption the
+    command that measures the rest (`argv`: the interrupted command's arguments)."""
+    if not out.planned and not out.records:
+        return f"sweep {out.sweep_id}: nothing to do ({out.skipped} configs already measured)"
     line = (
         f"sweep {out.sweep_id}: {len(out.records)} configs, {out.failed} failed, "
         f"{out.skipped} skipped, {out.wall_s:.1f} s"
@@ -633,12 +725,19 @@ def closing_line(out: Outcome) -> str:
     if any(out.phases.values()):
         spent = (f"{k[6:-2]} {v:.1f}" for k, v in out.phases.items())  # phase_compile_s: compile
         line += f" ({', '.join(spent)} s)"
+    if out.interrupted:
+        line += (
+            f"; stopped by {out.interrupted} after {len(out.records)} of {out.planned or '?'} "
+            f"configs, sweep run {out.run_id or '(offline)'} KILLED; measure the rest with "
+            f"`{resume_command(argv, out.sweep_id)}`"
+        )
     if out.problems:
         line += "; " + "; ".join(out.problems)
     if out.offline:
-        return (
-            line + f"; NOT all logged ({out.offline}): run `flexbench sync --journal {out.journal}`"
-        )
+        sync = f"flexbench sync --journal {out.journal}{uri_option(out)}"
+        return line + f"; NOT all logged ({out.offline}): run `{sync}`"
+    if out.interrupted:
+        return line
     runs = out.run_id.split(",")
     return line + (f"; sweep runs {', '.join(runs)}" if len(runs) > 1 else f"; sweep run {runs[0]}")
 
@@ -673,6 +772,28 @@ def ui_hint(uri: str, experiment_id: str) -> str:
     if web:
         return f"the runs: {page}"
     return f"mlflow ui --backend-store-uri {uri}   # then open {page}"
+
+
+def uri_option(out: Outcome) -> str:
+    """` --tracking-uri URI` when the sweep was given one (so sync goes to the same server)."""
+    return f" --tracking-uri {shlex.quote(out.uri)}" if out.uri else ""
+
+
+def resume_command(argv: Sequence[str] | None, sweep_id: str) -> str:
+    """`flexbench run ... --resume --sweep-id ID` from the interrupted command's arguments
+    (credentials redacted); `argv` defaults to this process's."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--resume",):
+            continue
+        elif arg == "--sweep-id":
+            skip = True
+        elif not arg.startswith("--sweep-id="):
+            kept.append(tracking.redact(arg))
+    return shlex.join(["flexbench", *kept, "--resume", "--sweep-id", sweep_id])
 
 
 if __name__ == "__main__":

@@ -12,9 +12,13 @@ import itertools
 import json
 import os
 import re
+import socket
+import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +41,16 @@ MLFLOW_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,3}")  # MLflow's random run names:
 NOTE_MAX_CHARS = 7900  # MLflow rejects tag values over 8000 characters
 SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 PAGE = 1000
+# Error codes that stop a sync (the server is down, busy, or refuses us), never quarantine.
+STOP_CODES = {
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "ENDPOINT_NOT_FOUND",
+    "REQUEST_LIMIT_EXCEEDED",
+    "TEMPORARILY_UNAVAILABLE",
+}
+MAX_EXPERIMENT_NAME = 500  # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH
+MAX_RUN_NAME = 250  # the runs.name column (PostgreSQL refuses longer names)
 BACKGROUND = "flexbench-tracking"  # name prefix of the thread that logs child runs
 
 
@@ -47,21 +61,76 @@ class TrackingError(Exception):
 # --- secrets ---------------------------------------------------------------------------------
 
 
+# scheme://USERINFO@host: USERINFO may hold '@' and '/' (raw, unencoded) but ends at the first
+# '@' that a host (and port) and then the end, a path, a quote or a space follow.
+USERINFO = re.compile(r"""(\w[\w+.-]*://)([^\s]*?)@(?=[\w.\-]+(?::\d+)?(?:[/?#\s'"),;]|$))""")
+HOST_PORT = re.compile(r"[\w.\-]+(?::\d+)?")
+KNOWN_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+_secrets: set[str] = set()  # credentials of the tracking URIs seen, removed from every text
+
+
+def _userinfo(match: re.Match) -> str:
+    user = match.group(2)
+    if "/" in user and HOST_PORT.fullmatch(user.split("/", 1)[0]):
+        return match.group(0)  # host/path@x: an '@' in a path, not credentials
+    return match.group(1) + "***@"
+
+
 def redact(text: str) -> str:
-    """Remove URL credentials and the values of secret environment variables from text."""
-    text = re.sub(r"(\w+://)[^/\s]*@", r"\1***@", text)
-    for name in SECRET_ENV:
-        secret = os.environ.get(name)
-        if secret:
+    """Remove URL credentials (any userinfo: '/', '@', spaces, percent-escapes) and the values
+    of secret environment variables from text."""
+    secrets = [os.environ.get(name) or "" for name in SECRET_ENV]
+    for secret in sorted({*_secrets, *secrets}, key=len, reverse=True):
+        if len(secret) >= 3:
             text = text.replace(secret, "***")
-    return text
+    return USERINFO.sub(_userinfo, text)
+
+
+def remember_secrets(uri: str) -> None:
+    """Redact this URI's userinfo (and password, raw and percent-decoded) from every text."""
+    scheme, sep, rest = uri.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return
+    user = rest[:at]
+    match = re.match(r"(.*?)@(?=[\w.\-]+(?::\d+)?(?:[/?#]|$))", rest)
+    if match and not ("/" in match.group(1) and HOST_PORT.fullmatch(match.group(1).split("/")[0])):
+        user = match.group(1)
+    password = user.partition(":")[2]
+    for secret in (user, password):
+        _secrets.update({secret, urllib.parse.unquote(secret)} - {""})
+
+
+def check_uri(uri: str) -> str:
+    """The tracking URI if it names a scheme flexbench can log to (and a host for http);
+    ValueError with one line otherwise."""
+    remember_secrets(uri)
+    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
+    hint = "use e.g. http://HOST:5000, sqlite:///mlflow.db or postgresql://USER@HOST/DB"
+    if scheme not in KNOWN_SCHEMES and uri not in ("databricks", "databricks-uc"):
+        raise ValueError(f"tracking URI '{redact(uri)}' has no known scheme; {hint}")
+    if scheme in ("http", "https"):
+        try:
+            parts = urllib.parse.urlsplit(uri)
+            host, _ = parts.hostname, parts.port
+        except ValueError:
+            host = None
+        if not host or any(c.isspace() for c in uri):
+            raise ValueError(
+                f"tracking URI '{redact(uri)}' has no valid host[:port]; {hint} "
+                "(percent-encode '/', '@', ':' and spaces in a password: %2F %40 %3A %20)"
+            )
+    return uri
 
 
 def resolve_uri(uri: str | None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db);
+    its credentials are redacted from every text from then on."""
     import mlflow
 
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    remember_secrets(uri)
+    return uri
 
 
 def describe_failure(
@@ -100,35 +169,109 @@ def journal_path(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get("FLEXBENCH_JOURNAL") or DEFAULT_JOURNAL)
 
 
+JOURNAL_VERSION = 1  # "v" of every line written; lines without it are version 0 (read as is)
+# The keys an entry of each type needs before sync can use it; other lines are skipped.
+ENTRY_KEYS = {
+    "sweep": ("sweep_id", "part_id", "experiment", "params", "tags", "run_name", "start_ms"),
+    "result": (
+        *("record_id", "sweep_id", "part_id", "experiment", "tags", "start_ms", "end_ms"),
+        *("run_name", "status", "params", "metrics", "config_key"),
+    ),
+    "synced": ("record_id", "target", "run_id"),
+    "finished": ("part_id", "target", "run_id"),
+    "failed": ("record_id", "part_id", "target", "reason"),
+    "sweep_metrics": ("part_id", "metrics"),
+}
+
+
+def checksum(entry: dict) -> str:
+    """CRC-32 (hex) of the entry's canonical JSON without its `crc` field."""
+    body = {k: v for k, v in entry.items() if k != "crc"}
+    return format(zlib.crc32(json.dumps(body, sort_keys=True).encode("utf-8")), "08x")
+
+
+def encode(entry: dict) -> bytes:
+    """One journal line: the entry with its format version and checksum, newline-ended."""
+    entry = {**entry, "v": JOURNAL_VERSION}
+    return (json.dumps({**entry, "crc": checksum(entry)}, sort_keys=True) + "\n").encode("utf-8")
+
+
+def decode(line: bytes) -> dict | None:
+    """The entry a journal line holds, or None for a torn, garbled or foreign line."""
+    try:
+        entry = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(entry, dict) or entry.get("type") not in ENTRY_KEYS:
+        return None
+    if "v" in entry and (entry["v"] != JOURNAL_VERSION or entry.get("crc") != checksum(entry)):
+        return None
+    if any(k not in entry for k in ENTRY_KEYS[entry["type"]]):
+        return None
+    return migrate(entry)
+
+
+def migrate(entry: dict) -> dict:
+    """A version-0 (unversioned) entry in today's shape; version-1 entries pass unchanged."""
+    entry = {k: v for k, v in entry.items() if k != "crc"}
+    entry.setdefault("v", 0)
+    return entry
+
+
 class Journal:
-    """Append-only JSONL: `sweep` and `result` entries, and `synced` marks per server."""
+    """Append-only JSONL: `sweep` and `result` entries, and `synced`, `finished` and `failed`
+    marks per server. Each line carries its format version and a checksum; unreadable lines
+    (torn by a crash or a full disk, garbage) are skipped and counted in `bad_lines`."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = journal_path(path)
+        self.bad_lines: list[int] = []
 
     def append(self, entry: dict) -> None:
         """Write one entry and force it to disk before returning.
 
-        An exclusive lock keeps whole lines when shards or GPU workers share one journal.
+        An exclusive lock keeps whole lines when shards or GPU workers share one journal; a
+        file left without its last newline (a torn write) gets one first, so the torn line
+        never swallows this entry.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = encode(entry)
+            if not ends_with_newline(self.path):
+                data = b"\n" + data
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def entries(self) -> list[dict]:
-        """Every complete entry (a torn last line from a crash is skipped)."""
+        """Every readable entry; the line numbers of unreadable ones go to `bad_lines`."""
+        self.bad_lines = []
         if not self.path.exists():
             return []
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
+        for number, line in enumerate(self.path.read_bytes().split(b"\n"), 1):
+            if not line.strip():
                 continue
+            entry = decode(line)
+            if entry is None:
+                self.bad_lines.append(number)
+            else:
+                out.append(entry)
         return out
+
+    def bad_note(self) -> str | None:
+        """One line about the skipped lines of the last `entries()`, or None."""
+        if not self.bad_lines:
+            return None
+        shown = ", ".join(str(n) for n in self.bad_lines[:10])
+        more = ", ..." if len(self.bad_lines) > 10 else ""
+        return (
+            f"warning: skipped {len(self.bad_lines)} unreadable line(s) of {self.path} "
+            f"(line {shown}{more}): torn or not flexbench entries; every other entry is used"
+        )
 
     def mark_synced(self, record_id: str, target: str, run_id: str) -> None:
         self.append({"type": "synced", "record_id": record_id, "target": target, "run_id": run_id})
@@ -136,6 +279,42 @@ class Journal:
     def mark_finished(self, part_id: str, target: str, run_id: str) -> None:
         """The sweep run of `part_id` got its aggregates and artifacts on `target`."""
         self.append({"type": "finished", "part_id": part_id, "target": target, "run_id": run_id})
+
+    def mark_failed(self, record_id: str, part_id: str, target: str, reason: str) -> None:
+        """`target` refused this result for good (`record_id` "" : the whole part)."""
+        entry = {"record_id": record_id, "part_id": part_id, "target": target, "reason": reason}
+        self.append({"type": "failed", **entry})
+
+
+def ends_with_newline(path: Path) -> bool:
+    """True for an empty file or one whose last byte is a newline (not a regular file: True)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return True
+            f.seek(size - 1)
+            return f.read(1) == b"\n"
+    except OSError:
+        return True
+
+
+def names_problem(experiment: str, run_name: str) -> str | None:
+    """Why MLflow would refuse this experiment or run name (its rules and lengths), or None."""
+    if not experiment.strip():
+        return "the experiment name is empty: pass --experiment NAME"
+    if len(experiment) > MAX_EXPERIMENT_NAME:
+        return f"the experiment name is {len(experiment)} characters, over {MAX_EXPERIMENT_NAME}"
+    if len(run_name) > MAX_RUN_NAME:
+        return f"the run name is {len(run_name)} characters, over {MAX_RUN_NAME}: shorten it"
+    return None
+
+
+def check_names(experiment: str, run_name: str) -> None:
+    """ValueError (one line) for a name MLflow would refuse, before anything is measured."""
+    why = names_problem(experiment, run_name)
+    if why:
+        raise ValueError(why)
 
 
 def target_id(uri: str) -> str:
@@ -340,10 +519,12 @@ def finish_sweep_run(
     failed: bool | None = None,
     trends: Callable[[], dict[str, list[float]]] | None = None,
     extra: dict[str, float] | None = None,
+    status: str | None = None,
 ) -> None:
     """Aggregates (and `extra` metrics, e.g. phase_*_s), summary artifacts (summary.md,
     results.csv, heatmap.png, report.html with `trends()`' sparklines) and description on the
-    sweep run; it ends FAILED when `failed` (default: when a config failed)."""
+    sweep run; it ends `status` if given, else FAILED when `failed` (default: when a config
+    failed), else FINISHED."""
     rows = [report.row_from_record(r) for r in results]
     metrics = {**report.sweep_metrics(rows), **(extra or {})}
     markdown = report.summary_markdown(rows)
@@ -361,7 +542,8 @@ def finish_sweep_run(
     client.log_text(run_id, html_report.render(with_env, title, trends and trends()), "report.html")
     if terminate:
         failed = metrics.get("configs_failed", 0) > 0 if failed is None else failed
-        client.set_terminated(run_id, "FAILED" if failed else "FINISHED", end_time=end_ms)
+        status = status or ("FAILED" if failed else "FINISHED")
+        client.set_terminated(run_id, status, end_time=end_ms)
 
 
 def resume_keys(client, exp_id: str, env: dict[str, str]) -> set[str]:
@@ -370,6 +552,20 @@ def resume_keys(client, exp_id: str, env: dict[str, str]) -> set[str]:
     clauses += [f"tags.`{k}` = {quote(env[k])}" for k in RESUME_MATCH]
     runs = search_all(client, [exp_id], " and ".join(clauses))
     return {r.data.tags[CONFIG_KEY_TAG] for r in runs if CONFIG_KEY_TAG in r.data.tags}
+
+
+def journal_keys(entries: list[dict], experiment: str, env: dict[str, str], target: str) -> set:
+    """Config keys with a FINISHED result in the journal (same experiment, torch, triton and
+    GPU) that is neither synced to `target` nor refused by it: `sync` will upload them."""
+    owed = pending(entries, target).todo
+    return {
+        e["config_key"]
+        for e in owed
+        if e["status"] == "FINISHED"
+        and e.get("kind", "config") == "config"
+        and e["experiment"] == experiment
+        and all(e["tags"].get(k) == env.get(k) for k in RESUME_MATCH)
+    }
 
 
 # --- one sweep -------------------------------------------------------------------------------
@@ -396,9 +592,12 @@ class Tracker:
     closed: list[str] = field(default_factory=list)  # runs a failed `mlflow run` left RUNNING
     tracking_s: float = 0.0
     background_s: float = 0.0
+    journal_note: str | None = None  # set once the journal could not be written
+    unjournalled: list[dict] = field(default_factory=list)  # entries no journal took
     _sweep: dict = field(default_factory=dict)
     _pool: ThreadPoolExecutor | None = None
     _pending: list[Future] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _call(self, fn, *args, again=None) -> object:
         """Run one tracking step; on failure remember why and go offline. A busy server (slow
@@ -455,12 +654,16 @@ class Tracker:
         except Exception:  # noqa: BLE001 - e.g. no permission on someone's run: leave it
             self.closed = []
 
-    def resume_keys(self, env: dict[str, str]) -> set[str] | None:
-        keys = self._call(resume_keys, self.client, self.exp_id, env)
-        return None if keys is None else set(keys)
+    def resume_keys(self, env: dict[str, str]) -> set[str]:
+        """Config keys measured on this stack: FINISHED on the server (when reachable) or
+        journalled and not yet synced there (so `sync` never adds a second run of them)."""
+        keys = self._call(resume_keys, self.client, self.exp_id, env) or set()
+        entries = self.journal.entries()
+        return set(keys) | journal_keys(entries, self.experiment, env, target_id(self.uri))
 
     def start(self, sweep: dict) -> None:
-        """Journal the sweep entry, then create (or adopt) the sweep run."""
+        """Journal the sweep entry (OSError if the journal cannot be written: nothing is
+        measured yet), then create (or adopt) the sweep run."""
         sweep = {**sweep, "run_id": self.run_id or None}
         self._sweep = sweep
         self.journal.append({"type": "sweep", **sweep})
@@ -468,16 +671,52 @@ class Tracker:
         if run_id:
             self.run_id = run_id
 
+    def write(self, entry: dict) -> None:
+        """Journal an entry; never drops it. When the journal cannot be written (read-only,
+        disk full) the sweep goes on in a fallback journal in $TMPDIR (`journal_note` says
+        where); when that fails too the entry stays in `unjournalled`."""
+        with self._lock:
+            try:
+                self.journal.append(entry)
+                return
+            except OSError as exc:
+                if self.journal_note is None:
+                    self._fall_back(exc)
+                    try:
+                        self.journal.append(entry)
+                        return
+                    except OSError:
+                        pass
+            self.unjournalled.append(entry)
+
+    def _fall_back(self, exc: OSError) -> None:
+        """Switch to `$TMPDIR/flexbench-journal-<part id>.jsonl`, with the sweep entry."""
+        old = self.journal.path
+        part = self._sweep.get("part_id") or uuid.uuid4().hex
+        self.journal = Journal(Path(tempfile.gettempdir()) / f"flexbench-journal-{part}.jsonl")
+        why = exc.strerror or str(exc)
+        self.journal_note = (
+            f"journal {old} could not be written ({why}); results from then on are kept in "
+            f"{self.journal.path}"
+        )
+        try:
+            self.journal.append({"type": "sweep", **self._sweep})
+        except OSError as again:
+            self.journal_note = (
+                f"journal {old} ({why}) and {self.journal.path} "
+                f"({again.strerror or again}) could not be written"
+            )
+
     def log(self, entry: dict, parent: str | None = None) -> str | None:
         """Journal one result entry (flushed), then log it as a child run of `parent` (default:
         the sweep run); its run id, or None when offline. `sync` logs it under the sweep run."""
-        self.journal.append(entry)
+        self.write(entry)
         return self._log_marked(entry, parent)
 
     def log_later(self, entry: dict) -> None:
         """Journal one result entry (flushed) now; log it as a child of the sweep run on one
         background thread, so MLflow's round trips overlap the next config's measurement."""
-        self.journal.append(entry)
+        self.write(entry)
         if self.offline:
             return
         if self._pool is None:
@@ -489,7 +728,8 @@ class Tracker:
         args = (self.client, self.exp_id, parent or self.run_id, entry)
         run_id = self._call(log_child, *args, again=log_child_once)
         if run_id:
-            self.journal.mark_synced(entry["record_id"], target_id(self.uri), run_id)
+            mark = {"record_id": entry["record_id"], "target": target_id(self.uri)}
+            self.write({"type": "synced", **mark, "run_id": run_id})
         return run_id
 
     def drain(self) -> None:
@@ -514,19 +754,23 @@ class Tracker:
         failed: bool | None = None,
         trends: Callable[[], dict[str, list[float]]] | None = None,
         metrics: dict | None = None,
+        status: str | None = None,
     ) -> None:
         """Aggregates, `metrics` (journalled for sync) and artifacts on the sweep run (not
-        ended under `mlflow run`); FAILED when `failed` (default: when a config failed);
+        ended under `mlflow run`); it ends `status` if given, else FAILED when `failed`
+        (default: when a config failed);
         `trends()`, called once every child run is logged, gives report.html's sparklines."""
         self.drain()
         if metrics:
             part = self._sweep["part_id"]
-            self.journal.append({"type": "sweep_metrics", "part_id": part, "metrics": metrics})
+            self.write({"type": "sweep_metrics", "part_id": part, "metrics": metrics})
         terminate = not self.under_mlflow_run
         args = (self.client, self.run_id, entries, terminate, None, failed, trends, metrics)
+        args += (status,)
         self._call(finish_sweep_run, *args)
         if not self.offline:
-            self.journal.mark_finished(self._sweep["part_id"], target_id(self.uri), self.run_id)
+            mark = {"part_id": self._sweep["part_id"], "target": target_id(self.uri)}
+            self.write({"type": "finished", **mark, "run_id": self.run_id})
 
 
 def result_entry(
@@ -555,39 +799,70 @@ class SyncReport:
     uploaded: int = 0
     already: int = 0
     sweeps: int = 0
+    quarantined: list[str] = field(default_factory=list)  # refused for good by this sync
+    held: int = 0  # refused by an earlier sync: skipped (see `sync --status`)
+    running: int = 0  # sweep parts still being measured here: left alone
 
 
-def pending(entries: Iterable[dict], target: str) -> tuple[dict[str, dict], list[dict], set[str]]:
-    """Sweep entries by part id, result entries not yet synced to `target`, and the part ids
-    whose sweep run was never finished there."""
+@dataclass
+class Pending:
+    """What a journal still owes one tracking server."""
+
+    sweeps: dict[str, dict]  # sweep entries by part id
+    todo: list[dict]  # result entries neither synced nor refused
+    unfinished: set[str]  # part ids whose sweep run was not finished there
+    failed: dict[str, str]  # record id (or part id) -> why the server refused it
+    results: list[dict]  # every result entry
+    extra: dict[str, dict]  # sweep metrics (e.g. phase_*_s) by part id
+
+
+def pending(entries: Iterable[dict], target: str, retry_failed: bool = False) -> Pending:
+    """The journal's entries as what is still to do for `target`."""
     entries = list(entries)
-    done = {e["record_id"] for e in entries if e["type"] == "synced" and e["target"] == target}
-    finished = {e["part_id"] for e in entries if e["type"] == "finished" and e["target"] == target}
+    mine = [e for e in entries if e.get("target") == target]
+    done = {e["record_id"] for e in mine if e["type"] == "synced"}
+    finished = {e["part_id"] for e in mine if e["type"] == "finished"}
+    failed = (
+        {}
+        if retry_failed
+        else {e["record_id"] or e["part_id"]: e["reason"] for e in mine if e["type"] == "failed"}
+    )
     sweeps = {e["part_id"]: e for e in entries if e["type"] == "sweep"}
-    todo = [e for e in entries if e["type"] == "result" and e["record_id"] not in done]
-    return sweeps, todo, set(sweeps) - finished
+    results = [e for e in entries if e["type"] == "result"]
+    todo = [e for e in results if e["record_id"] not in done and not _refused(e, failed)]
+    extra = {e["part_id"]: e["metrics"] for e in entries if e["type"] == "sweep_metrics"}
+    return Pending(sweeps, todo, set(sweeps) - finished - set(failed), failed, results, extra)
 
 
-def sync(journal: Journal, uri: str) -> SyncReport:
-    """Log every journalled result not yet on this server, exactly once; raises TrackingError.
+def _refused(entry: dict, failed: dict[str, str]) -> bool:
+    return entry["record_id"] in failed or entry["part_id"] in failed
 
-    Idempotent: a result already on the server (found by its record id) is not logged again,
-    a half-logged one (server lost between create and terminate) is completed. Run it after
-    the sweep has ended, not while it still writes the journal.
+
+def sync(journal: Journal, uri: str, retry_failed: bool = False) -> SyncReport:
+    """Log every journalled result not yet on this server, exactly once; raises TrackingError
+    when the server is unreachable or refuses us (auth, permission).
+
+    Idempotent: a result already on the server (by its record id, or by its config key in the
+    same sweep) is not logged again, a half-logged one is completed. A result (or sweep part)
+    the server refuses for good is marked failed with the reason and skipped from then on
+    (`--status` lists it, `retry_failed` tries again); the rest goes on. A sweep run left
+    RUNNING ends FINISHED only when every config of it is recorded, else KILLED. Parts of a
+    sweep still running on this host are left alone.
     """
     target = target_id(uri)
-    entries = journal.entries()
-    sweeps, todo, unfinished = pending(entries, target)
-    results = [e for e in entries if e["type"] == "result"]
-    extra = {e["part_id"]: e["metrics"] for e in entries if e["type"] == "sweep_metrics"}
-    out = SyncReport()
+    todo = pending(journal.entries(), target, retry_failed)
+    out = SyncReport(held=sum(_refused(e, todo.failed) for e in todo.results))
     try:
         with fast_http():
             client = client_for(uri)
-            for part_id in _parts(todo, unfinished):
-                mine = [e for e in results if e["part_id"] == part_id]
-                sweep = sweeps.get(part_id) or _orphan_sweep(mine[0])
-                _sync_part(client, journal, target, sweep, todo, mine, out, extra.get(part_id))
+            for part_id in _parts(todo.todo, todo.unfinished):
+                sweep = todo.sweeps.get(part_id) or _orphan_sweep(
+                    next(e for e in todo.results if e["part_id"] == part_id)
+                )
+                if still_running(sweep):
+                    out.running += 1
+                    continue
+                _sync_part_or_refuse(client, journal, target, sweep, todo, out)
     except TrackingError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the CLI
@@ -601,30 +876,119 @@ def _parts(todo: list[dict], unfinished: set[str]) -> list[str]:
     return parts + sorted(unfinished - set(parts))
 
 
+def still_running(sweep: dict) -> bool:
+    """The sweep entry's process is alive on this host (another process than this one)."""
+    pid = sweep.get("pid")
+    if not pid or sweep.get("host") != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Why the server refused a request for good (a validation error, a 4xx other than
+    auth/permission/rate limit), as one line; None for a failure worth stopping on."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, TrackingError) and "is deleted" in str(exc):
+        return str(exc)
+    if not isinstance(exc, MlflowException) or exc.error_code in STOP_CODES:
+        return None
+    status = exc.get_http_status_code()
+    if not 400 <= status < 500 or status in (401, 403, 408, 429):
+        return None
+    return redact(" ".join(str(exc).split()))[:300]
+
+
+def _sync_part_or_refuse(
+    client, journal: Journal, target: str, sweep: dict, todo: Pending, out: SyncReport
+) -> None:
+    """One sweep part; if the server refuses the part itself (its experiment or sweep run),
+    mark the part and its pending results failed and go on."""
+    part_id = sweep["part_id"]
+    why = names_problem(sweep["experiment"], sweep["run_name"])
+    if why is None:
+        try:
+            _sync_part(client, journal, target, sweep, todo, out)
+            return
+        except Exception as exc:  # noqa: BLE001 - classified: refused for good, or stop
+            why = refusal(exc)
+            if why is None:
+                raise
+    journal.mark_failed("", part_id, target, why)
+    out.quarantined += [
+        f"{e['run_name']}: {why}" for e in todo.todo if e["part_id"] == part_id
+    ] or [f"{sweep['run_name']}: {why}"]
+
+
 def _sync_part(
-    client,
-    journal: Journal,
-    target: str,
-    sweep: dict,
-    todo: list[dict],
-    mine: list[dict],
-    out: SyncReport,
-    extra: dict[str, float] | None = None,
+    client, journal: Journal, target: str, sweep: dict, todo: Pending, out: SyncReport
 ) -> None:
     """One sweep part: its sweep run, its missing children, then its aggregates (+ `extra`)."""
     exp_id = _sync_experiment(client, sweep)
     parent = start_sweep_run(client, exp_id, sweep)
     out.sweeps += 1
-    for entry in (e for e in todo if e["part_id"] == sweep["part_id"]):
-        run_id = _sync_child(client, exp_id, parent, entry, out)
+    mine = [e for e in todo.results if e["part_id"] == sweep["part_id"]]
+    known = ServerRuns(client, exp_id, sweep["sweep_id"]) if todo.todo else None
+    for entry in (e for e in todo.todo if e["part_id"] == sweep["part_id"]):
+        try:
+            run_id = _sync_child(client, exp_id, parent, entry, known, out)
+        except Exception as exc:  # noqa: BLE001 - classified: refused for good, or stop
+            why = refusal(exc)
+            if why is None:
+                raise
+            journal.mark_failed(entry["record_id"], entry["part_id"], target, why)
+            out.quarantined.append(f"{entry['run_name']}: {why}")
+            continue
         journal.mark_synced(entry["record_id"], target, run_id)
-    finish_sweep_run(client, parent, mine, terminate=not sweep.get("run_id"), extra=extra)
+    status = part_status(sweep, mine)
+    extra = todo.extra.get(sweep["part_id"])
+    finish_sweep_run(
+        client, parent, mine, terminate=not sweep.get("run_id"), extra=extra, status=status
+    )
     journal.mark_finished(sweep["part_id"], target, parent)
 
 
-def _sync_child(client, exp_id: str, parent: str, entry: dict, out: SyncReport) -> str:
+def part_status(sweep: dict, results: list[dict]) -> str | None:
+    """KILLED when the part recorded fewer configs than it planned; else None (FINISHED, or
+    FAILED when a config failed)."""
+    planned = sweep.get("planned")
+    if planned is not None and len({e["config_key"] for e in results}) < planned:
+        return "KILLED"
+    return None
+
+
+class ServerRuns:
+    """The runs a server holds for one sweep id, looked up by record id or by config key."""
+
+    def __init__(self, client, exp_id: str, sweep_id: str) -> None:
+        runs = search_all(client, [exp_id], f"tags.`{SWEEP_ID_TAG}` = {quote(sweep_id)}")
+        self.by_record, self.by_config = {}, {}
+        for run in runs:
+            tags = run.data.tags
+            if RECORD_ID_TAG in tags:
+                self.by_record[tags[RECORD_ID_TAG]] = run
+            if run.info.status != "RUNNING" and CONFIG_KEY_TAG in tags:
+                key = (tags.get(KIND_TAG, "config"), tags[CONFIG_KEY_TAG], run.info.status)
+                self.by_config[key] = run
+
+    def find(self, entry: dict):
+        """The server's run of this result: same record id, else same config in the sweep."""
+        run = self.by_record.get(entry["record_id"])
+        key = (entry.get("kind", "config"), entry["config_key"], entry["status"])
+        return run or self.by_config.get(key)
+
+
+def _sync_child(
+    client, exp_id: str, parent: str, entry: dict, known: ServerRuns, out: SyncReport
+) -> str:
     """Log one result unless the server has it; complete it if it was left half-logged."""
-    run = find_run(client, exp_id, RECORD_ID_TAG, entry["record_id"])
+    run = known.find(entry) or find_run(client, exp_id, RECORD_ID_TAG, entry["record_id"])
     if run is None:
         out.uploaded += 1
         return log_child(client, exp_id, parent, entry)
@@ -662,3 +1026,28 @@ def _orphan_sweep(entry: dict) -> dict:
         "start_ms": entry["start_ms"],
         "run_id": None,
     }
+
+
+@dataclass
+class SyncStatus:
+    """Per tracking server: results synced, pending, refused (with why)."""
+
+    target: str
+    synced: int
+    pending: int
+    refused: list[tuple[str, str]]  # (what, why)
+
+
+def sync_status(journal: Journal) -> list[SyncStatus]:
+    """What the journal holds for each server it has synced to (or tried)."""
+    entries = journal.entries()
+    targets = dict.fromkeys(e["target"] for e in entries if "target" in e)
+    out = []
+    for target in targets:
+        todo = pending(entries, target)
+        names = {e["record_id"]: e["run_name"] for e in todo.results}
+        parts = {k: f"sweep {v['run_name']}" for k, v in todo.sweeps.items()}
+        refused = [(names.get(k) or parts.get(k, k), why) for k, why in todo.failed.items()]
+        synced = sum(e["type"] == "synced" and e["target"] == target for e in entries)
+        out.append(SyncStatus(target, synced, len(todo.todo), refused))
+    return out

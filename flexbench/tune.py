@@ -379,6 +379,8 @@ def tune_sweep(
     """Measure every plan's candidates (one `measure.run_sweep`, so compiled callables are
     shared), log them as described in the module docstring, tag each config's best."""
     start = time.perf_counter()
+    tracking.check_names(experiment, run_name or "tune " + sweep.new_sweep_id())
+    tracking.check_uri(tracking.resolve_uri(tracking_uri))
     device = plans[0].base.device if plans else "cpu"
     tracker, tags = sweep.connect(experiment, tracking_uri, journal, device, tracking_timeout, warn)
     out = TuneOutcome(sweep.new_sweep_id(), journal=str(tracker.journal.path))

@@ -363,7 +363,7 @@ def test_summary_errors_are_one_line(mlflow_server, capsys):
     code, _, err = flexbench(capsys, f"{live} --experiment no-such-experiment")
     assert code == 1 and "no experiment 'no-such-experiment'" in err
     code, _, err = flexbench(capsys, f"{live} --sweep {'0' * 32}")
-    assert code == 1 and f"no run '{'0' * 32}'" in err
+    assert code == 1 and f"no such run '{'0' * 32}'" in err
 
 
 # --- compare ---------------------------------------------------------------------------------
