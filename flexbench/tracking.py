@@ -87,18 +87,19 @@ def redact(text: str) -> str:
 
 
 def remember_secrets(uri: str) -> None:
-    """Redact this URI's userinfo (and password, raw and percent-decoded) from every text."""
-    scheme, sep, rest = uri.partition("://")
-    at = rest.rfind("@")
-    if not sep or at < 0:
+    """Redact this URI's userinfo (and password, raw and percent-decoded) from every text.
+    With raw '@' or '/' in a password the userinfo is ambiguous: both readings are kept (up
+    to the first '@' before a host, and up to the last '@'), the longer redacted first."""
+    _, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest:
         return
-    user = rest[:at]
+    users = {rest[: rest.rfind("@")]}
     match = re.match(r"(.*?)@(?=[\w.\-]+(?::\d+)?(?:[/?#]|$))", rest)
     if match and not ("/" in match.group(1) and HOST_PORT.fullmatch(match.group(1).split("/")[0])):
-        user = match.group(1)
-    password = user.partition(":")[2]
-    for secret in (user, password):
-        _secrets.update({secret, urllib.parse.unquote(secret)} - {""})
+        users.add(match.group(1))
+    for user in users:
+        for secret in (user, user.partition(":")[2]):
+            _secrets.update({secret, urllib.parse.unquote(secret)} - {""})
 
 
 def check_uri(uri: str) -> str:
@@ -409,7 +410,12 @@ def log_child(client, exp_id: str, parent_id: str, entry: dict) -> str:
     run = client.create_run(
         exp_id, start_time=entry["start_ms"], tags=tags, run_name=entry["run_name"]
     )
-    complete_child(client, run.info.run_id, entry)
+    try:
+        complete_child(client, run.info.run_id, entry)
+    except Exception as exc:
+        if refusal(exc):  # refused for good: leave no half-logged run behind
+            client.delete_run(run.info.run_id)
+        raise
     return run.info.run_id
 
 
@@ -946,11 +952,12 @@ def _sync_part(
             out.quarantined.append(f"{entry['run_name']}: {why}")
             continue
         journal.mark_synced(entry["record_id"], target, run_id)
-    status = part_status(sweep, mine)
-    extra = todo.extra.get(sweep["part_id"])
-    finish_sweep_run(
-        client, parent, mine, terminate=not sweep.get("run_id"), extra=extra, status=status
-    )
+    if client.get_run(parent).info.status == "RUNNING":  # ended already: its sweep ended it
+        status = part_status(sweep, mine)
+        extra = todo.extra.get(sweep["part_id"])
+        finish_sweep_run(
+            client, parent, mine, terminate=not sweep.get("run_id"), extra=extra, status=status
+        )
     journal.mark_finished(sweep["part_id"], target, parent)
 
 
@@ -964,40 +971,54 @@ def part_status(sweep: dict, results: list[dict]) -> str | None:
 
 
 class ServerRuns:
-    """The runs a server holds for one sweep id, looked up by record id or by config key."""
+    """The runs a server holds for one sweep id, as (run id, status), looked up by record id
+    or by config key (kind, config key, status); `add` records a run this sync logged."""
 
     def __init__(self, client, exp_id: str, sweep_id: str) -> None:
         runs = search_all(client, [exp_id], f"tags.`{SWEEP_ID_TAG}` = {quote(sweep_id)}")
-        self.by_record, self.by_config = {}, {}
+        self.by_record: dict[str, tuple[str, str]] = {}
+        self.by_config: dict[tuple, tuple[str, str]] = {}
         for run in runs:
             tags = run.data.tags
             if RECORD_ID_TAG in tags:
-                self.by_record[tags[RECORD_ID_TAG]] = run
+                self.by_record[tags[RECORD_ID_TAG]] = (run.info.run_id, run.info.status)
             if run.info.status != "RUNNING" and CONFIG_KEY_TAG in tags:
                 key = (tags.get(KIND_TAG, "config"), tags[CONFIG_KEY_TAG], run.info.status)
-                self.by_config[key] = run
+                self.by_config[key] = (run.info.run_id, run.info.status)
 
-    def find(self, entry: dict):
+    @staticmethod
+    def key(entry: dict) -> tuple:
+        return entry.get("kind", "config"), entry["config_key"], entry["status"]
+
+    def find(self, entry: dict) -> tuple[str, str] | None:
         """The server's run of this result: same record id, else same config in the sweep."""
-        run = self.by_record.get(entry["record_id"])
-        key = (entry.get("kind", "config"), entry["config_key"], entry["status"])
-        return run or self.by_config.get(key)
+        return self.by_record.get(entry["record_id"]) or self.by_config.get(self.key(entry))
+
+    def add(self, entry: dict, run_id: str) -> None:
+        self.by_record[entry["record_id"]] = self.by_config[self.key(entry)] = (
+            run_id,
+            entry["status"],
+        )
 
 
 def _sync_child(
     client, exp_id: str, parent: str, entry: dict, known: ServerRuns, out: SyncReport
 ) -> str:
     """Log one result unless the server has it; complete it if it was left half-logged."""
-    run = known.find(entry) or find_run(client, exp_id, RECORD_ID_TAG, entry["record_id"])
-    if run is None:
+    found = known.find(entry)
+    if found is None:
+        run_id = log_child(client, exp_id, parent, entry)
+        known.add(entry, run_id)
         out.uploaded += 1
-        return log_child(client, exp_id, parent, entry)
-    if run.info.status == "RUNNING":
-        complete_child(client, run.info.run_id, entry)
+        return run_id
+    run_id, status = found
+    if status == "RUNNING":
+        complete_child(client, run_id, entry)
+        known.add(entry, run_id)
         out.uploaded += 1
     else:
         out.already += 1
-    return run.info.run_id
+    return run_id
 
 
 def _sync_experiment(client, sweep: dict) -> str:

@@ -401,6 +401,7 @@ def test_sync_completes_a_half_logged_child_and_an_unfinished_sweep_run(mlflow_s
         run_name=result["run_name"],
         tags={
             "mlflow.parentRunId": parent,
+            tracking.SWEEP_ID_TAG: result["sweep_id"],
             tracking.RECORD_ID_TAG: result["record_id"],
             tracking.KIND_TAG: "config",
         },
