@@ -23,6 +23,9 @@ host=${FLEXBENCH_SERVER_HOST:-0.0.0.0}
 port=${FLEXBENCH_SERVER_PORT:-5000}
 workers=${FLEXBENCH_SERVER_WORKERS:-4}
 permission=${FLEXBENCH_SERVER_DEFAULT_PERMISSION:-READ}
+# Seconds a worker remembers a checked username/password (MLflow's auth_cache_ttl_seconds;
+# MLflow's default 0 re-hashes the password on every request: see BENCHMARKS.md, team server).
+auth_cache_ttl=${FLEXBENCH_SERVER_AUTH_CACHE_TTL:-60}
 python=${FLEXBENCH_SERVER_PYTHON:-python3}
 # Host headers the server answers: this machine by name, loopback and private LAN addresses.
 short=$(hostname -s 2>/dev/null || hostname)
@@ -55,6 +58,7 @@ default_permission = $permission
 database_uri = ${auth_db//%/%%}
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = $auth_cache_ttl
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$conf_dir/basic_auth.ini"
 
