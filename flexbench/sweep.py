@@ -65,6 +65,7 @@ class Outcome:
     planned: int = 0  # configs this sweep set out to measure (after --resume)
     interrupted: str = ""  # SIGINT / SIGTERM when the sweep was stopped
     uri: str = ""  # the tracking URI given (redacted), for the sync hint
+    idle: bool = False  # nothing was left to measure: no sweep run was created
 
     @property
     def failed(self) -> int:
@@ -247,6 +248,7 @@ def _hint_uri(tracking_uri: str | None) -> str:
 def _nothing_to_do(out: Outcome, warn: Callable[[str], None], start: float) -> Outcome:
     """No config left to measure: say so, create no sweep run."""
     warn(f"sweep {out.sweep_id}: nothing to do, no sweep run created")
+    out.idle = True
     out.wall_s = time.perf_counter() - start
     return out
 
@@ -716,7 +718,7 @@ def sweep_params(**args: object) -> dict[str, str]:
 def closing_line(out: Outcome, argv: Sequence[str] | None = None) -> str:
     """One line: what ran, what failed, where the results are; after an interruption the
     command that measures the rest (`argv`: the interrupted command's arguments)."""
-    if not out.planned and not out.records:
+    if out.idle:
         return f"sweep {out.sweep_id}: nothing to do ({out.skipped} configs already measured)"
     line = (
         f"sweep {out.sweep_id}: {len(out.records)} configs, {out.failed} failed, "
