@@ -301,7 +301,9 @@ def test_malformed_config_file_is_one_line_exit_2_naming_the_entry(tmp_path, cap
 
 
 def test_run_with_config_file_logs_its_hash_as_a_sweep_param(tmp_path, capsys):
-    """The file's one config already measured here: --resume skips it, so nothing compiles."""
+    """The file's one config (the suite's tiny noop) already measured here: --resume skips it
+    and creates no sweep run; without --resume it is measured under a sweep run with the
+    file's hash."""
     from mlflow import MlflowClient
 
     from flexbench import env
@@ -325,7 +327,12 @@ def test_run_with_config_file_logs_its_hash_as_a_sweep_param(tmp_path, capsys):
     assert code == 2 and "--config lists the configs: drop -b" in err
     code, err = run_main(args, capsys)
     assert code == 0 and "resume: skipped 1 of 1 configs" in err, err
+    assert "nothing to do" in err
     client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("flexbench").experiment_id
+    assert client.search_runs([exp_id], "params.config_sha = '" + sha + "'") == []
+    code, err = run_main([*args[:-1], "--quiet"], capsys)
+    assert code == 0, err
     (run,) = client.search_runs(
         [client.get_experiment_by_name("flexbench").experiment_id],
         "tags.`flexbench.kind` = 'sweep' and params.config_sha = '" + sha + "'",
