@@ -471,6 +471,8 @@ def run(
         )
     workers = precompile.resolve_workers(compile_workers, configs, len(gpu_ids) or 1)
     params = sweep_params(**args, compile_workers=workers, compile_cache=compile_cache or "")
+    sweep_id = sweep_id or new_sweep_id()
+    check_tracking(experiment, run_name or f"sweep {sweep_id}", tracking_uri)
     line = plan_line(configs, device, filled, auto)
     if line:
         warn(line)
