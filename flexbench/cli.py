@@ -62,6 +62,8 @@ def mod_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     from flexbench import mods as mods_mod  # imports torch: only for commands that need it
 
     names = [v for raw in values for v in mods_mod.split_top(str(raw), ",") if v]
+    if values and not names:
+        raise click.BadParameter("is empty: give at least one value")
     for name in names:
         try:
             mods_mod.resolve(name)
