@@ -1,13 +1,13 @@
 """Runs that `mlflow run` left RUNNING before flexbench ever started, and closing them.
 
-`mlflow run .` creates its run first and builds the project's environment after; when that
-fails (no conda: "Could not find Conda executable"), MLflow exits and the run stays RUNNING
-forever. The next flexbench command that opens the experiment closes such a run as FAILED,
-with a tag saying why, but only when no process on this host can still own it: no `mlflow run`
-started before it (one may still be building its environment) and no process carrying its
-MLFLOW_RUN_ID. Runs flexbench has started (tag flexbench.kind) are never touched here, nor runs
-of another user or of a project path this host does not have. Linux only (/proc); elsewhere
-nothing is closed.
+`mlflow run .` creates its run first and builds the project's environment after; when that fails
+(no conda: "Could not find Conda executable"), MLflow exits and the run stays RUNNING forever.
+The next flexbench command that opens the experiment closes such a run as FAILED, with a tag
+saying why, but only when no process on this host can still own it: no process carrying its
+MLFLOW_RUN_ID, and no `mlflow run` started before it that runs no entry point yet (it may still
+be building its environment; one whose entry point runs owns that run). Runs flexbench has
+started (tag flexbench.kind) are never touched here, nor runs of another user or of a project
+path this host does not have. Linux only (/proc); elsewhere nothing is closed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import getpass
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,12 +24,22 @@ REASON = (
     "left RUNNING by `mlflow run`, whose process ended before flexbench started (e.g. "
     "'Could not find Conda executable': add --env-manager local); closed by flexbench"
 )
-STARTED_SLACK_S = 2.0  # an `mlflow run` started this long after the run cannot own it
+STARTED_SLACK_S = 1.0  # /proc start times are whole seconds after boot: allow one
+ANCESTORS = 8  # levels from an entry point's process up to its `mlflow run` (bash, python)
 PROC = Path("/proc")
 LEFT = (
     "attributes.status = 'RUNNING' and tags.`mlflow.source.type` = 'PROJECT' "
     "and tags.`mlflow.user` = {user}"
 )
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    ppid: int
+    argv: list[str]
+    env: dict[str, str]
+    started: float  # seconds since the epoch
 
 
 def close_leftovers(client, exp_id: str, own_run_id: str = "") -> list[str]:
@@ -47,9 +58,10 @@ def close_leftovers(client, exp_id: str, own_run_id: str = "") -> list[str]:
     if not left:
         return []
     processes = list(_processes())
+    owning = _owning_mlflow_runs(processes)
     closed = []
     for run in left:
-        if not any(_may_own(p, run) for p in processes):
+        if not any(_may_own(p, run, owning) for p in processes):
             client.set_tag(run.info.run_id, REASON_TAG, REASON)
             client.set_terminated(run.info.run_id, "FAILED")
             closed.append(run.info.run_id)
@@ -63,9 +75,8 @@ def _from_here(run) -> bool:
     return bool(path) and Path(path.split("#")[0]).exists()
 
 
-def _processes() -> Iterator[tuple[list[str], dict[str, str], float]]:
-    """(argv, environment, start time in seconds since the epoch) of each process this user
-    may read."""
+def _processes() -> Iterator[Process]:
+    """Each process this user may read (not this one)."""
     boot = _boot_time()
     ticks = os.sysconf("SC_CLK_TCK")
     for entry in PROC.iterdir():
@@ -74,12 +85,26 @@ def _processes() -> Iterator[tuple[list[str], dict[str, str], float]]:
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             environ = (entry / "environ").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        started = boot + int(stat.rsplit(")", 1)[1].split()[19]) / ticks
         env = dict(v.decode(errors="replace").partition("=")[::2] for v in environ if v)
-        yield [a.decode(errors="replace") for a in argv if a], env, started
+        args = [a.decode(errors="replace") for a in argv if a]
+        yield Process(int(entry.name), int(stat[1]), args, env, boot + int(stat[19]) / ticks)
+
+
+def _owning_mlflow_runs(processes: list[Process]) -> set[int]:
+    """`mlflow run` processes already running an entry point: an ancestor of a process with
+    MLFLOW_RUN_ID. Such a process owns that run, not a run left behind."""
+    parent = {p.pid: p.ppid for p in processes}
+    owning = set()
+    for p in processes:
+        if "MLFLOW_RUN_ID" in p.env:
+            pid = p.ppid
+            for _ in range(ANCESTORS):
+                owning.add(pid)
+                pid = parent.get(pid, 0)
+    return owning
 
 
 def _boot_time() -> float:
@@ -89,12 +114,12 @@ def _boot_time() -> float:
     return 0.0
 
 
-def _may_own(process: tuple[list[str], dict[str, str], float], run) -> bool:
+def _may_own(process: Process, run, owning: set[int]) -> bool:
     """The process runs the run's entry point (its MLFLOW_RUN_ID), or is an `mlflow run`
-    that started before the run (it may still be building the environment)."""
-    argv, env, started = process
-    if env.get("MLFLOW_RUN_ID") == run.info.run_id:
+    started before the run that runs no entry point yet (it may be building the environment)."""
+    if process.env.get("MLFLOW_RUN_ID") == run.info.run_id:
         return True
-    names = [os.path.basename(a) for a in argv]
+    names = [os.path.basename(a) for a in process.argv]
     is_mlflow_run = any(n == "mlflow" and nxt == "run" for n, nxt in zip(names, names[1:]))
-    return is_mlflow_run and started <= run.info.start_time / 1000 + STARTED_SLACK_S
+    started_before = process.started <= run.info.start_time / 1000 + STARTED_SLACK_S
+    return is_mlflow_run and process.pid not in owning and started_before

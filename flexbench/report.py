@@ -341,8 +341,9 @@ CONDITION_FLAGS = ("throttled", "unconverged")
 
 def flagged(row: dict) -> list[str]:
     """The row's series that ran throttled or did not converge, e.g. `fwd_eager throttled
-    (1695 MHz)` or `bwd_compiled unconverged (noise 1.2%)`; with named baselines the first one
-    by its name (`fwd_sdpa`), not again as `fwd_eager`."""
+    (1695 MHz)` or `bwd_flex unconverged (noise 1.2%)` (the compiled side named flex, as in the
+    tables); with named baselines the first one by its name (`fwd_sdpa`), not again as
+    `fwd_eager`."""
     out = []
     copy = primary_name(row)  # the seed's `<kind>_eager` series repeats this baseline's
     for key in sorted(row):
@@ -351,12 +352,13 @@ def flagged(row: dict) -> list[str]:
             continue
         if copy and series in (f"{kind}_eager" for kind in KINDS):
             continue
+        name = series.replace("_compiled", f"_{FLEX_WORD}")  # the side, as the tables name it
         if flag == "throttled":
             mhz = row.get(f"{series}_sm_mhz")
-            out.append(f"{series} throttled ({float(mhz):.0f} MHz)" if mhz else key)
+            out.append(f"{name} throttled ({float(mhz):.0f} MHz)" if mhz else key)
         else:
             noise = row.get(f"{series}_noise_pct")
-            out.append(f"{series} unconverged (noise {float(noise):.2f}%)" if noise else key)
+            out.append(f"{name} unconverged (noise {float(noise):.2f}%)" if noise else key)
     return out
 
 

@@ -162,32 +162,47 @@ def sleeper(argv: tuple[str, ...] = (), env: dict[str, str] | None = None) -> su
     return subprocess.Popen([sys.executable, "-c", code, *argv], env={**os.environ, **(env or {})})
 
 
+def mlflow_run_with_entry_point(run_id: str) -> subprocess.Popen:
+    """A process named like `mlflow run .` whose child runs an entry point (MLFLOW_RUN_ID)."""
+    code = (
+        "import os, subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+        f"env={{**os.environ, 'MLFLOW_RUN_ID': '{run_id}'}}); time.sleep(300)"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, "mlflow", "run", "."],
+                            start_new_session=True)
+
+
 def test_run_left_by_failed_mlflow_run_is_closed_and_live_ones_are_not(mlflow_server, tmp_path):
+    import getpass
+
     from flexbench import leftovers, sweep
 
     experiment = f"leftover-{uuid.uuid4().hex[:8]}"
-    failed = failed_mlflow_run(mlflow_server.uri, experiment, tmp_path)
-    assert failed.returncode != 0 and "Could not find Conda executable" in failed.stderr
     client = MlflowClient(mlflow_server.uri)
-    exp_id = client.get_experiment_by_name(experiment).experiment_id
-    (left,) = client.search_runs([exp_id])
-    assert left.info.status == "RUNNING"  # what MLflow leaves behind
-
-    while time.time() < left.info.start_time / 1000 + leftovers.STARTED_SLACK_S + 1:
-        time.sleep(0.2)
-    building = sleeper(("mlflow", "run", "."))  # an `mlflow run` still building its environment
-    time.sleep(1)
-    project_tags = {k: v for k, v in left.data.tags.items() if k != "mlflow.runName"}
-    young = client.create_run(exp_id, tags=project_tags).info.run_id
+    exp_id = client.create_experiment(experiment)
+    project_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.type": "PROJECT",
+                    "mlflow.source.name": REPO.as_uri(), "mlflow.project.entryPoint": "main"}
     entry = client.create_run(exp_id, tags=project_tags).info.run_id
-    running = sleeper(env={"MLFLOW_RUN_ID": entry})  # its entry point runs, not flexbench
+    running = mlflow_run_with_entry_point(entry)  # started before the failed one: owns `entry`
+    procs = [running]
     try:
+        failed = failed_mlflow_run(mlflow_server.uri, experiment, tmp_path)
+        assert failed.returncode != 0 and "Could not find Conda executable" in failed.stderr
+        (left,) = [r for r in client.search_runs([exp_id]) if r.info.run_id != entry]
+        assert left.info.status == "RUNNING"  # what MLflow leaves behind
+        while time.time() < left.info.start_time / 1000 + leftovers.STARTED_SLACK_S + 1:
+            time.sleep(0.2)
+        procs.append(sleeper(("mlflow", "run", ".")))  # an `mlflow run` building its env
+        time.sleep(1)
+        young = client.create_run(exp_id, tags=project_tags).info.run_id
         notes: list[str] = []
         sweep.connect(experiment, mlflow_server.uri, str(tmp_path / "j.jsonl"), "cpu",
                       warn=notes.append)
         status = {r.info.run_id: r.info.status for r in client.search_runs([exp_id])}
     finally:
-        for proc in (building, running):
+        os.killpg(running.pid, 9)  # with its entry point child
+        for proc in procs:
             proc.kill()
             proc.wait()
     assert status == {left.info.run_id: "FAILED", young: "RUNNING", entry: "RUNNING"}

@@ -390,10 +390,10 @@ def test_compare_calls_other_regimes_and_throttled_runs_not_comparable():
     assert report.pair([base], [slow]).matches[0].status == "regression"
     for contender, why in [({**slow, "regime": "sustained"}, "regime burst vs sustained"),
                            ({**slow, "fwd_compiled_throttled": 1.0, "fwd_compiled_sm_mhz": 1695.0},
-                            "contender: fwd_compiled throttled (1695 MHz)"),
+                            "contender: fwd_flex throttled (1695 MHz)"),
                            ({**slow, "fwd_compiled_unconverged": 1.0,
                              "fwd_compiled_noise_pct": 1.5},
-                            "contender: fwd_compiled unconverged (noise 1.50%)")]:
+                            "contender: fwd_flex unconverged (noise 1.50%)")]:
         c = report.pair([base], [contender])
         assert c.matches[0].status == "not comparable" and c.exit_code == 0
         assert why in c.matches[0].detail() and "1 not comparable" in c.headline()
@@ -409,8 +409,8 @@ def test_summary_lists_throttled_and_unconverged_series():
     text = report.seed_tables(rows)
     assert "Timing conditions" in text
     line = next(x for x in text.splitlines() if "noop b1" in x and "throttled" in x)
-    assert "fwd_eager throttled (1695 MHz)" in line and "bwd_compiled unconverged" in line
-    assert "fwd_compiled throttled" not in text and "causal b1 " not in text.split("conditions")[1]
+    assert "fwd_eager throttled (1695 MHz)" in line and "bwd_flex unconverged" in line
+    assert "fwd_flex throttled" not in text and "causal b1 " not in text.split("conditions")[1]
 
 
 def test_compare_by_filters_is_the_ci_gate(mlflow_server, compared, capsys):
