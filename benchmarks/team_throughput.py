@@ -80,6 +80,7 @@ def client_loop(uri: str, user: str, password: str, experiment: str, seconds: fl
     os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
     from flexbench import tracking
 
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     client = tracking.client_for(uri)
     exp_id = tracking.experiment_id(client, experiment)
     sweep = {
@@ -140,7 +141,7 @@ def main() -> None:
         user_pw = secrets.token_urlsafe(16)
         auth.create_user("bench", user_pw)
         exp_id = MlflowClient(server.uri).create_experiment("bench")
-        auth.create_experiment_permission(exp_id, "bench", "EDIT")
+        auth.grant_user_permission("bench", "experiment", exp_id, "EDIT")
         os.environ.update(MLFLOW_TRACKING_USERNAME="bench", MLFLOW_TRACKING_PASSWORD=user_pw)
         client = MlflowClient(server.uri)
         lat = []
