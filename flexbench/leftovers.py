@@ -97,13 +97,14 @@ def _owning_mlflow_runs(processes: list[Process]) -> set[int]:
     """`mlflow run` processes already running an entry point: an ancestor of a process with
     MLFLOW_RUN_ID. Such a process owns that run, not a run left behind."""
     parent = {p.pid: p.ppid for p in processes}
+    starts = [p.ppid for p in processes if "MLFLOW_RUN_ID" in p.env]
+    if "MLFLOW_RUN_ID" in os.environ:  # this process is an entry point too (not in the list)
+        starts.append(os.getppid())
     owning = set()
-    for p in processes:
-        if "MLFLOW_RUN_ID" in p.env:
-            pid = p.ppid
-            for _ in range(ANCESTORS):
-                owning.add(pid)
-                pid = parent.get(pid, 0)
+    for pid in starts:
+        for _ in range(ANCESTORS):
+            owning.add(pid)
+            pid = parent.get(pid, 0)
     return owning
 
 

@@ -55,14 +55,18 @@ def mlflow_run(mlflow_server, tmp_path_factory) -> dict:
            "FLEXBENCH_JOURNAL": str(tmp_path_factory.mktemp("journal") / "journal.jsonl")}
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
+    # The README's order where conda is missing: the conda form fails, then the local one.
+    failed = failed_mlflow_run(mlflow_server.uri, experiment, tmp_path_factory.mktemp("conda"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=MLFLOW_RUN_TIMEOUT_S)
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id]) if exp else []
+    every = client.search_runs([exp.experiment_id]) if exp else []
+    left = [r for r in every if r.data.tags.get("mlflow.project.env") == "conda"]
+    runs = [r for r in every if r not in left]
     summary = subprocess.run([*cmd[:7], "-e", "summary"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=MLFLOW_RUN_TIMEOUT_S)
-    return {"proc": proc, "runs": runs, "summary": summary}
+    return {"proc": proc, "runs": runs, "summary": summary, "failed": failed, "left": left}
 
 
 def test_mlflow_run_is_the_sweep_run_holding_the_config_runs(mlflow_run):
@@ -89,6 +93,18 @@ def test_mlflow_run_is_the_sweep_run_holding_the_config_runs(mlflow_run):
     assert child.info.run_name == "causal b1 h4 s256 d64 fp32"
     assert child.data.params["shape"] == CPU_DEFAULT_SHAPE and child.data.params["device"] == "cpu"
     assert child.data.metrics["fwd_compiled_us"] > 0
+
+
+def test_conda_run_left_running_is_closed_by_the_local_run(mlflow_run):
+    """`mlflow run .` without conda leaves its run RUNNING; the `--env-manager local` run
+    that follows (flexbench inside a live `mlflow run`) closes it."""
+    from flexbench import leftovers
+
+    assert "Could not find Conda executable" in mlflow_run["failed"].stderr
+    (left,) = mlflow_run["left"]
+    assert left.info.status == "FAILED" and leftovers.REASON_TAG in left.data.tags
+    note = f"note: closed 1 run(s) that a failed `mlflow run` had left RUNNING ({left.info.run_id})"
+    assert note in mlflow_run["proc"].stderr
 
 
 def test_mlflow_run_summary_reads_the_experiment_it_runs_in(mlflow_run):
