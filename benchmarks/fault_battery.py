@@ -186,6 +186,7 @@ def wait_for_result(journal: Path, n: int, proc: subprocess.Popen, limit: float 
 def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "flexbench", *args],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -367,7 +368,7 @@ def server_lost(root: Path, server: MlflowServer) -> dict:
     return verdict(server.uri, "lost", 4)
 
 
-def faults(root: Path) -> dict:
+def faults(root: Path, only: list[str]) -> dict:
     server = MlflowServer(root / "server", env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     server.start()
     uri = server.uri
@@ -385,6 +386,8 @@ def faults(root: Path) -> dict:
     found: dict = {"survived": 0, "duplicated": 0, "lost": 0, "running": 0, "cases": {}}
     try:
         for name, scenario in scenarios.items():
+            if only and name not in only:
+                continue
             t = time.perf_counter()
             try:
                 out = scenario()
@@ -407,7 +410,8 @@ def main() -> None:
     if "bad" in which:
         result["bad_inputs"] = bad_inputs(out / "bad")
     if "faults" in which:
-        result["faults"] = faults(out / "faults")
+        only = [w for w in which if w not in ("bad", "faults")]
+        result["faults"] = faults(out / "faults", only)
     (out / "fault_battery.json").write_text(json.dumps(result, indent=2))
     totals = {k: {n: v[n] for n in v if n != "cases"} for k, v in result.items()}
     print(json.dumps(totals, indent=2))
