@@ -300,3 +300,18 @@ def test_read_permission_flexbench_run_fails_and_keeps_results(team, read_only, 
     assert [e["type"] for e in entries].count("result") == 1
     client = admin_client(team, monkeypatch)
     assert client.search_runs([read_only["exp_id"]]) == []  # nothing written
+
+
+def test_summary_of_an_unknown_run_id_says_no_such_run(team, read_only, tmp_path):
+    """The auth app answers 403 for a run id it does not know: not a permission problem."""
+    done = subprocess.run(
+        [sys.executable, "-m", "flexbench", "summary", "--sweep", "0" * 32],
+        env=as_user(team, "carol", read_only["password"]),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    (line,) = assert_no_traceback(done.stderr)
+    assert f"no such run '{'0' * 32}'" in line and "EDIT" not in line
