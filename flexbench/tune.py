@@ -235,6 +235,7 @@ class TuneOutcome:
     run_id: str = ""
     journal: str = ""
     wall_s: float = 0.0
+    interrupted: str = ""  # SIGINT / SIGTERM when the tune was stopped
 
     @property
     def failed(self) -> int:
@@ -247,7 +248,10 @@ class TuneOutcome:
 
     @property
     def exit_code(self) -> int:
-        """1 when tracking went offline or a config has no passing candidate, else 0."""
+        """128 + the signal when stopped, 1 when tracking went offline or a config has no
+        passing candidate, else 0."""
+        if self.interrupted:
+            return 130 if self.interrupted == "SIGINT" else 143
         return 1 if self.offline or self.unsolved else 0
 
     def table(self) -> str:
@@ -278,6 +282,7 @@ class Session:
     def __init__(self, tracker: tracking.Tracker, sweep_entry: dict, tags: dict, out: TuneOutcome):
         self.tracker, self.sweep, self.tags, self.out = tracker, sweep_entry, tags, out
         self.tune_run: str | None = None
+        self.open = False  # a config's tune run begun and not yet ended
         self.entries: list[dict] = []
         self.last_ms = sweep_entry["start_ms"]
 
@@ -297,7 +302,7 @@ class Session:
 
     def begin(self, p: Plan) -> None:
         """The config's tune run, and its skipped candidates (logged, not journalled)."""
-        self.entries = []
+        self.entries, self.open = [], True
         run = {
             "run_name": f"tune {p.base.run_name()}",
             "params": p.base.params(),
@@ -338,8 +343,15 @@ class Session:
         self.out.records.append(entry)
         self.entries.append(entry)
 
+    def stop(self) -> None:
+        """Stopped mid-config: its tune run ends KILLED (its candidates so far are logged)."""
+        if self.open and self.tune_run:
+            t = self.tracker
+            t.call(tracking.end_run, t.client, self.tune_run, {}, {}, "KILLED", sweep.now_ms())
+
     def end(self, p: Plan) -> None:
         """Default vs best: the best tag, and the tune run's metrics."""
+        self.open = False
         rows = [{**candidate_row(e), "run_id": e.get("run_id", "")} for e in self.entries]
         (result,) = report.default_vs_best(rows)
         self.out.results.append(result)
@@ -405,8 +417,13 @@ def tune_sweep(
         _warn_offline(tracker, out, warn)
 
     configs = [cand.config for p in plans for cand in p.measured]
-    measure.run_sweep(configs, on_result, progress=progress)
-    tracker.finish(out.records, failed=out.unsolved)
+    with sweep.stoppable() as stopped:
+        measure.run_sweep(configs, on_result, progress=progress)
+    out.interrupted = stopped[0] if stopped else ""
+    if out.interrupted:
+        session.stop()
+    status = "KILLED" if out.interrupted else None
+    tracker.finish(out.records, failed=out.unsolved, status=status)
     if not tracker.offline and tracker.run_id:
         tracker.call(tracker.client.log_text, tracker.run_id, tune_markdown(out), "tune.md")
     _warn_offline(tracker, out, warn)
@@ -505,7 +522,9 @@ def closing_line(out: TuneOutcome) -> str:
         f"tune {out.sweep_id}: {len(out.results)} configs, {len(out.records)} candidates "
         f"measured ({out.failed} failed), {len(out.skipped)} skipped, {out.wall_s:.1f} s"
     )
+    if out.interrupted:
+        line += f"; stopped by {out.interrupted}"
     if out.offline:
         sync = f"flexbench sync --journal {out.journal}"
         return line + f"; NOT all logged ({out.offline}): run `{sync}`"
-    return line + f"; tune sweep run {out.run_id}"
+    return line + f"; tune sweep run {out.run_id}" + (" KILLED" if out.interrupted else "")
