@@ -472,7 +472,7 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     settings = bench.timing_settings(c)
     sampler = timing.timer_for(c.timer, "fwd")
     with torch.set_grad_enabled(c.calculate_bwd), timing.side_stream(sampler):
-        _record("fwd", m, time_series(sampler, series, settings), fwd_flops)
+        _record("fwd", m, timing.time_all(sampler, series, settings), fwd_flops)
     if c.calculate_bwd:
         times = _time_backward(c.timer, series, dout, (q, k, v), settings)
         _record("bwd", m, times, flops.backward_flops(fwd_flops))
@@ -573,14 +573,6 @@ def record_kernels(
         )
 
 
-def time_series(
-    sampler: str, series: dict[str, Callable[[], object]], settings: timing.Settings | None
-) -> dict[str, timing.Timing]:
-    """Time every series (flex and the baselines) in the same interleaved rounds, on the
-    current stream: the one place measure calls the timing core."""
-    return timing.time_all(sampler, series, settings)
-
-
 def _flex_call(
     compiled: Callable,
     q: Tensor,
@@ -670,7 +662,7 @@ def _time_backward(
     sampler = timing.timer_for(timer, "bwd")
     try:
         with timing.side_stream(sampler):
-            return time_series(sampler, _backwards(series, dout, inputs), settings)
+            return timing.time_all(sampler, _backwards(series, dout, inputs), settings)
     except RuntimeError as exc:
         if sampler != "cudagraph_stream":
             raise

@@ -288,18 +288,6 @@ def time_all(
     return {name: _finish(s, settings, max_mhz) for name, s in series.items()}
 
 
-def time_pair(
-    timer: str,
-    baseline: Callable[[], object],
-    flex: Callable[[], object],
-    settings: Settings | None = None,
-    grads: Sequence[torch.Tensor] = (),
-) -> tuple[Timing, Timing]:
-    """`time_all` of a baseline and flex: (baseline timing, flex timing)."""
-    out = time_all(timer, {"eager": baseline, "compiled": flex}, settings, grads)
-    return out["eager"], out["compiled"]
-
-
 def warm_gpu(seconds: float = GPU_WARMUP_S) -> None:
     """Busy the GPU with matmuls so clocks have ramped before the first config is timed."""
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)

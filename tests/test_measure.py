@@ -252,8 +252,9 @@ def test_cpu_timer_warms_up_interleaves_and_clears_grads():
         return call
 
     rule = stats.StopRule(max_noise=0.5, min_samples=4, max_time_s=60)  # converges at 4
-    base, flex = timing.time_pair("cpu", fn("base"), fn("flex"), timing.Settings("none", rule),
-                                  grads=(x,))
+    out = timing.time_all("cpu", {"base": fn("base"), "flex": fn("flex")},
+                          timing.Settings("none", rule), grads=(x,))
+    base, flex = out["base"], out["flex"]
     w = timing.WARMUP_CALLS
     timed = calls[2 * w:]
     assert calls[:2 * w] == ["base"] * w + ["flex"] * w
