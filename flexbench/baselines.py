@@ -19,7 +19,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flexbench import mods
 
-DEFAULT = "sdpa"
 # Names that would collide with the seed's metrics (fwd_eager_us, fwd_compiled_us,
 # fwd_max_abs_err, baseline_max_abs_err) or the sweep's (fwd_speedup_mean, ...).
 RESERVED = frozenset({"eager", "compiled", "fwd", "bwd", "baseline", "mean", "geomean", "min"})

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import click
 
+from flexbench import choices, timers  # torch-free: the choices a config takes
+
 EPILOG_RUN = """\b
 Examples:
   flexbench run -b 8 -nh 16 -s 1024,4096 -d 64,128 -mods noop,causal --calculate-bwd
@@ -82,23 +84,20 @@ def baseline_list(ctx: click.Context, param: click.Parameter, values: tuple[str,
         raise click.BadParameter(str(exc)) from None
 
 
-FLEX_BACKENDS = ("auto", "triton", "flash", "triton_decode")  # = config.FLEX_BACKENDS
-
-
 def flex_backend_list(
     ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 ) -> list[str]:
     """flex backends, each checked now."""
     names = _split(values)
     for name in names:
-        if name not in FLEX_BACKENDS:
+        if name not in choices.FLEX_BACKENDS:
             raise click.BadParameter(
-                f"unknown flex backend '{name}'; use {', '.join(FLEX_BACKENDS)}"
+                f"unknown flex backend '{name}'; use {', '.join(choices.FLEX_BACKENDS)}"
             )
     return names
 
 
-DTYPE = click.Choice(["float16", "bfloat16", "float32"])
+DTYPE = click.Choice(choices.DTYPES)
 
 
 def dtype_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
@@ -263,14 +262,14 @@ def _default_device(device: str) -> str:
 @click.option("--kernel-options", default="", help="JSON, e.g. '{\"BLOCK_M\": 64}'")
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cuda", "cpu"]),
+    type=click.Choice([choices.AUTO, *reversed(choices.DEVICES)]),  # cuda first: auto prefers it
     default="auto",
     show_default=True,
     help="auto = cuda when available",
 )
 @click.option(
     "--timer",
-    type=click.Choice(["auto", "do_bench", "cudagraph", "cudagraph_fwd", "cpu"]),
+    type=click.Choice(timers.CHOICES),
     default="auto",
     show_default=True,
     help="auto: cudagraph on CUDA (forward and backward replayed from CUDA graphs: kernel "
@@ -278,7 +277,7 @@ def _default_device(device: str) -> str:
 )
 @click.option(
     "--regime",
-    type=click.Choice(["auto", "burst", "sustained"]),
+    type=click.Choice([choices.AUTO, *timers.REGIMES]),
     default="auto",
     show_default=True,
     help="CUDA: burst = short samples with idle gaps, throttled samples retaken (kernel "
@@ -335,7 +334,7 @@ def _default_device(device: str) -> str:
 )
 @click.option(
     "--align",
-    type=click.Choice(["end", "start"]),
+    type=click.Choice(choices.ALIGNS),
     default="end",
     show_default=True,
     help="when q_len != kv_len, query i sits at key position i + kv_len - q_len (end, as in "

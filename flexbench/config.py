@@ -8,25 +8,33 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flexbench import baselines, flops, mods
+from flexbench import flops, timers
+from flexbench.choices import (
+    ALIGNS,
+    AUTO,
+    DEFAULT_BASELINE,
+    DEVICES,
+    DTYPE_SHORT,
+    DTYPES,
+    FLEX_BACKENDS,
+)
+from flexbench.timers import DEFAULT_REGIME, auto_timer
 
-DTYPES = ("float16", "bfloat16", "float32")
-DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-TIMERS = ("auto", "do_bench", "cudagraph", "cudagraph_fwd", "cpu")
-REGIMES = ("auto", "burst", "sustained")  # timing.SAMPLE_MS; "none" on CPU
-DEFAULT_REGIME = "burst"  # agrees best with profiler kernel time (BENCHMARKS.md, H200)
+if TYPE_CHECKING:  # mods imports torch: config resolves mods only when validating
+    from flexbench import mods
+
+REGIMES = (AUTO, *timers.REGIMES)  # "none" on CPU
 # Stopping rule defaults per device: CPU wall time on a shared machine rarely gets under 0.5%.
 DEFAULT_MAX_NOISE = {"cuda": 0.005, "cpu": 0.02}
 DEFAULT_MAX_TIME = {"cuda": 2.0, "cpu": 0.5}
 # How a config is timed, not what it measures: params, but not part of the config key.
 SETTINGS = ("max_noise", "min_samples", "max_time", "throttle_threshold")
-DEVICES = ("cpu", "cuda")
-FLEX_BACKENDS = ("auto", "triton", "flash", "triton_decode")  # kernel_options BACKEND, lower
 # Fields added after keys were first logged: left out of the key at their default, so a config
 # measured before keeps its key (--resume still finds it).
 KEY_DEFAULTS = {
-    "baselines": baselines.DEFAULT,
+    "baselines": DEFAULT_BASELINE,
     "flex_backend": "auto",
     "align": "end",
     "reference": "",
@@ -72,6 +80,8 @@ def _choice(name: str, value: object, allowed: Sequence[str]) -> None:
 
 
 def _mod_name(spec: object) -> str:
+    from flexbench import mods
+
     if not isinstance(spec, str):
         raise ValueError(f"score_mod must be a mod name like 'causal', got {spec!r}")
     try:
@@ -82,6 +92,8 @@ def _mod_name(spec: object) -> str:
 
 def _instance(c: BenchConfig) -> mods.Instance:
     """The config's mod at its sizes (a factory is called: its result must be a mod)."""
+    from flexbench import mods
+
     try:
         return mods.resolve(c.score_mod).instance(c.dims())
     except ValueError as exc:
@@ -89,10 +101,30 @@ def _instance(c: BenchConfig) -> mods.Instance:
 
 
 def _check_reference(c: BenchConfig) -> None:
+    from flexbench import mods
+
     try:
         mods.load_reference(c.reference, c.dims())
     except ValueError as exc:
         raise ValueError(f"reference: {exc}") from None
+
+
+def _baselines(spec: str) -> tuple[str, ...]:
+    from flexbench import baselines  # the registry: its builders import torch
+
+    return baselines.parse(spec)
+
+
+def _check_timer_device(timer: str, device: str) -> None:
+    """A CUDA timer on CPU cannot run; a CPU timer on CUDA would not wait for the kernels."""
+    needs_cuda = timers.TIMERS[timer].needs_cuda
+    if device == "cpu" and needs_cuda:
+        raise ValueError(f"timer {timer!r} needs CUDA; use timer 'cpu' or 'auto'")
+    if device == "cuda" and not needs_cuda:
+        raise ValueError(
+            f"timer {timer!r} would not wait for CUDA kernels; use 'auto', "
+            "'do_bench' or 'cudagraph' with device cuda"
+        )
 
 
 def canonical_kernel_options(options: dict | str | None) -> str:
@@ -110,17 +142,6 @@ def canonical_kernel_options(options: dict | str | None) -> str:
         if not isinstance(value, KERNEL_OPTION_TYPES):
             raise ValueError(f"kernel_options[{key}] must be a number, bool or string")
     return json.dumps(options, sort_keys=True, separators=(",", ":"))
-
-
-def auto_timer(device: str) -> str:
-    """What timer 'auto' means on a device: on CUDA, forward and backward replayed from CUDA
-    graphs. On an H100 (torch 2.11) do_bench read compiled flex's host overhead, not its
-    kernels: forward 313 µs against 14 µs of kernel at 2x16x512x64, backward 590 against
-    416 µs at 8x16x1024x64, and its medians of compiled flex varied by up to 59% (CV) over 5
-    sweeps; graph replay reads kernel time (BENCHMARKS.md §3-4). Decoding too: launch overhead
-    dominates there.
-    """
-    return "cpu" if device == "cpu" else "cudagraph"
 
 
 @dataclass(frozen=True)
@@ -146,7 +167,7 @@ class BenchConfig:
     min_samples: int = 10
     max_time: float | None = None
     throttle_threshold: float = 0.9
-    baselines: str = baselines.DEFAULT
+    baselines: str = DEFAULT_BASELINE
     flex_backend: str = "auto"
     align: str = "end"
     reference: str = ""
@@ -163,8 +184,8 @@ class BenchConfig:
             )
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
-        _choice("timer", self.timer, TIMERS)
-        _choice("align", self.align, mods.ALIGNS)
+        _choice("timer", self.timer, timers.CHOICES)
+        _choice("align", self.align, ALIGNS)
         set_(self, "score_mod", _mod_name(self.score_mod))
         _instance(self)
         if self.reference:
@@ -172,18 +193,12 @@ class BenchConfig:
         set_(self, "kernel_options", canonical_kernel_options(self.kernel_options))
         if "BACKEND" in self.kernel_options_dict and self.flex_backend != "auto":
             raise ValueError("flex's BACKEND is set twice: by flex_backend and kernel_options")
-        set_(self, "baselines", ",".join(baselines.parse(self.baselines)))
+        set_(self, "baselines", ",".join(_baselines(self.baselines)))
         _choice("flex_backend", self.flex_backend, FLEX_BACKENDS)
         if self.timer == "auto":
             set_(self, "timer", auto_timer(self.device))
         self._timing_settings(set_)
-        if self.device == "cpu" and self.timer != "cpu":
-            raise ValueError(f"timer {self.timer!r} needs CUDA; use timer 'cpu' or 'auto'")
-        if self.device == "cuda" and self.timer == "cpu":
-            raise ValueError(
-                "timer 'cpu' would not wait for CUDA kernels; use 'auto', "
-                "'do_bench' or 'cudagraph' with device cuda"
-            )
+        _check_timer_device(self.timer, self.device)
 
     def _timing_settings(self, set_: Callable) -> None:
         """Resolve the regime and the stopping rule's per-device defaults; validate them."""
@@ -225,6 +240,8 @@ class BenchConfig:
 
     def dims(self) -> mods.Dims:
         """The sizes the mod sees (and fills its spec's placeholders with)."""
+        from flexbench import mods
+
         return mods.Dims(
             self.heads,
             self.q_len,

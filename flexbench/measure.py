@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from flexbench import baselines, env, flops, gpustate, kernels, mods, stats, timing
+from flexbench import baselines, env, flops, gpustate, kernels, mods, stats, timers, timing
 from flexbench.config import BenchConfig
 
-SEED = 123
+RNG_SEED = 123  # the random inputs (q, k, v, dout): the same in every run
 # (atol, rtol) of |flex - reference| <= atol + rtol * max|reference|, per dtype.
 TOLERANCE = {"float32": (1e-3, 1e-3), "float16": (5e-3, 5e-3), "bfloat16": (3e-2, 3e-2)}
 COMPILE_MODES = {False: "default", True: "max-autotune-no-cudagraphs"}
@@ -138,7 +138,7 @@ def dynamo_settings(dynamic: bool, recompile_limit: int) -> Iterator[None]:
 
 def make_inputs(c: BenchConfig, requires_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v as [B,H,S,D] views of [B,S,H,D] storage (the seed's layout), seeded."""
-    gen = torch.Generator(device=c.device).manual_seed(SEED)
+    gen = torch.Generator(device=c.device).manual_seed(RNG_SEED)
     dtype = getattr(torch, c.dtype)
 
     def make(length: int, heads: int) -> Tensor:
@@ -430,7 +430,7 @@ def prepare(c: BenchConfig, bench: Bench, result: Result) -> Setup:
     flex = _flex_call(bench.compiled(c), q, k, v, built, block_mask, scale, c)
     density = block_density(block_mask)
     result.metrics["sparsity"] = 1.0 - density
-    torch.manual_seed(SEED)
+    torch.manual_seed(RNG_SEED)
     dout = torch.randn_like(q) if c.calculate_bwd else None
     return Setup(built, (q, k, v), scale, flex, dout, density)
 
@@ -470,7 +470,7 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, s.density)
     lap("check")
     settings = bench.timing_settings(c)
-    sampler = timing.timer_for(c.timer, "fwd")
+    sampler = timing.sampler_for(c.timer, "fwd")
     with torch.set_grad_enabled(c.calculate_bwd), timing.side_stream(sampler):
         _record("fwd", m, timing.time_all(sampler, series, settings), fwd_flops)
     if c.calculate_bwd:
@@ -659,12 +659,12 @@ def _time_backward(
 ) -> dict[str, timing.Timing]:
     """Time the backwards (their forwards run on the stream the timer captures on); a
     backward that a CUDA graph cannot capture fails with what to do instead."""
-    sampler = timing.timer_for(timer, "bwd")
+    sampler = timing.sampler_for(timer, "bwd")
     try:
         with timing.side_stream(sampler):
             return timing.time_all(sampler, _backwards(series, dout, inputs), settings)
     except RuntimeError as exc:
-        if sampler != "cudagraph_stream":
+        if not timers.TIMERS[timer].graph_bwd:
             raise
         raise RuntimeError(
             f"backward could not be timed in a CUDA graph ({one_line(exc)}); "

@@ -20,7 +20,6 @@ from torch.nn.attention.flex_attention import and_masks, or_masks
 
 from flexbench import usermods
 
-ALIGNS = ("end", "start")
 NOT_MASK = "is not a mask_mod; only mask_mods compose with & and |"
 
 
@@ -96,11 +95,34 @@ class ModInfo:
     mask: bool = False  # a pure mask_mod: may be composed with & and |
 
 
-def _grid(d: Dims) -> tuple[Tensor, Tensor]:
-    """q and kv index tensors shaped [Q,1] and [1,KV]."""
-    q = torch.arange(d.q_len, device=d.device).view(-1, 1)
-    kv = torch.arange(d.kv_len, device=d.device).view(1, -1)
-    return q, kv
+def _indices(d: Dims) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """b, h, q_idx, kv_idx as aranges on their own axes of [B, H, Q, KV]: a mod called on
+    them computes every index at once (broadcasting), as flex does one by one."""
+
+    def axis(size: int, dim: int) -> Tensor:
+        shape = [1, 1, 1, 1]
+        shape[dim] = size
+        return torch.arange(size, device=d.device).view(shape)
+
+    return axis(d.batch, 0), axis(d.heads, 1), axis(d.q_len, 2), axis(d.kv_len, 3)
+
+
+def _masked(d: Dims, mask_mod: Callable) -> Built:
+    """A mask_mod and its dense mask (boolean, broadcastable to [B, H, Q, KV])."""
+    return Built(mask_mod=mask_mod, mask=mask_mod(*_indices(d)))
+
+
+def _biased(d: Dims, score_mod: Callable) -> Built:
+    """An additive score_mod and its dense bias: score_mod(0, b, h, q_idx, kv_idx)."""
+    zero = torch.zeros((), device=d.device)
+    return Built(score_mod=score_mod, bias=score_mod(zero, *_indices(d)))
+
+
+def _transformed(d: Dims, score_mod: Callable) -> Built:
+    """A score_mod that is not additive, and it on dense scores [B', H, Q, KV] of batch
+    indices `b`."""
+    _, h, q, kv = _indices(d)
+    return Built(score_mod=score_mod, transform=lambda s, b: score_mod(s, b, h, q, kv))
 
 
 def _offset(d: Dims) -> int:
@@ -124,12 +146,8 @@ def _causal_mod(offset: int) -> Callable:
 
 
 def _causal(d: Dims, _p: float | None) -> Built:
-    q, kv = _grid(d)
-    return Built(
-        mask_mod=_causal_mod(_offset(d)),
-        mask=(q + _offset(d) >= kv)[None, None],
-        sdpa_is_causal=_offset(d) == 0,  # SDPA's is_causal aligns top-left
-    )
+    built = _masked(d, _causal_mod(_offset(d)))
+    return replace(built, sdpa_is_causal=_offset(d) == 0)  # SDPA's is_causal aligns top-left
 
 
 def relative_bias(score, b, h, m, n):
@@ -137,8 +155,7 @@ def relative_bias(score, b, h, m, n):
 
 
 def _rel(d: Dims, _p: float | None) -> Built:
-    q, kv = _grid(d)
-    return Built(score_mod=relative_bias, bias=(q - kv).float()[None, None])
+    return _biased(d, relative_bias)
 
 
 def head_bias(score, b, h, m, n):
@@ -146,8 +163,7 @@ def head_bias(score, b, h, m, n):
 
 
 def _head_bias(d: Dims, _p: float | None) -> Built:
-    h = torch.arange(d.heads, device=d.device, dtype=torch.float32)
-    return Built(score_mod=head_bias, bias=(2 * h).view(1, -1, 1, 1))
+    return _biased(d, head_bias)
 
 
 # --- beyond the seed -------------------------------------------------------------------------
@@ -170,39 +186,37 @@ def _alibi_mod(heads: int, device: str) -> Callable:
 
 
 def _alibi(d: Dims, _p: float | None) -> Built:
-    q, kv = _grid(d)
-    slopes = alibi_slopes(d.heads, d.device).view(1, -1, 1, 1)
-    return Built(score_mod=_alibi_mod(d.heads, d.device), bias=slopes * (kv - q).float())
+    return _biased(d, _alibi_mod(d.heads, d.device))
 
 
 @lru_cache
 def _window_mod(window: int, offset: int) -> Callable:
+    causal = _causal_mod(offset)
+
     def sliding_window(b, h, q_idx, kv_idx):
-        return (q_idx + offset >= kv_idx) & (q_idx + offset - kv_idx <= window)
+        return causal(b, h, q_idx, kv_idx) & (q_idx + offset - kv_idx <= window)
 
     sliding_window.__name__ = f"sliding_window_{window}"
     return sliding_window
 
 
 def _sliding_window(d: Dims, p: float | None) -> Built:
-    window, (q, kv), off = int(p), _grid(d), _offset(d)
-    mask = (q + off >= kv) & (q + off - kv <= window)
-    return Built(mask_mod=_window_mod(window, off), mask=mask[None, None])
+    return _masked(d, _window_mod(int(p), _offset(d)))
 
 
 @lru_cache
 def _prefix_mod(prefix: int, offset: int) -> Callable:
+    causal = _causal_mod(offset)
+
     def prefix_lm(b, h, q_idx, kv_idx):
-        return (kv_idx < prefix) | (q_idx + offset >= kv_idx)
+        return (kv_idx < prefix) | causal(b, h, q_idx, kv_idx)
 
     prefix_lm.__name__ = f"prefix_lm_{prefix}"
     return prefix_lm
 
 
 def _prefix_lm(d: Dims, p: float | None) -> Built:
-    prefix, (q, kv), off = int(p), _grid(d), _offset(d)
-    mask = (kv < prefix) | (q + off >= kv)
-    return Built(mask_mod=_prefix_mod(prefix, off), mask=mask[None, None])
+    return _masked(d, _prefix_mod(int(p), _offset(d)))
 
 
 def document_ids(length: int, docs: int, device: str) -> Tensor:
@@ -224,14 +238,12 @@ def _document_mod(docs: int, kv_len: int, offset: int, device: str) -> Callable:
 
 
 def _document_mask(d: Dims, p: float | None) -> Built:
-    docs, off = int(p), _offset(d)
+    docs = int(p)
     if d.q_len > d.kv_len:
         raise ValueError(f"document_mask needs q_len <= kv_len, got {d.q_len} > {d.kv_len}")
     if docs > d.kv_len:
         raise ValueError(f"document_mask:{docs} needs kv_len >= {docs}, got {d.kv_len}")
-    doc = document_ids(d.kv_len, docs, d.device)
-    mask = doc[off : off + d.q_len, None] == doc[None, :]
-    return Built(mask_mod=_document_mod(docs, d.kv_len, off, d.device), mask=mask[None, None])
+    return _masked(d, _document_mod(docs, d.kv_len, _offset(d), d.device))
 
 
 @lru_cache
@@ -244,8 +256,7 @@ def _softcap_mod(cap: float) -> Callable:
 
 
 def _softcap(d: Dims, p: float | None) -> Built:
-    cap = float(p)
-    return Built(score_mod=_softcap_mod(cap), transform=lambda s, b: cap * torch.tanh(s / cap))
+    return _transformed(d, _softcap_mod(float(p)))
 
 
 BUILTINS: dict[str, ModInfo] = {

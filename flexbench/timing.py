@@ -6,11 +6,11 @@ median) has converged or its time is up (`stats.StopRule`). Each series carries 
 count, noise and the GPU state it ran in (SM clock, power, temperature, from NVML).
 
 Two regimes on CUDA (`--regime`):
-- `burst`: short samples (a CUDA graph of ~BURST_SAMPLE_MS), an idle gap after each round so
+- `burst`: short samples (a CUDA graph of ~SAMPLE_MS["burst"]), an idle gap after each round so
   the GPU does not sit at its power limit, and a sample whose clock fell under the throttle
   threshold is dropped and retaken once the clock has recovered (nvbench's method). Measures
   kernel efficiency, as a short torch.profiler run does.
-- `sustained`: back-to-back samples of SUSTAINED_SAMPLE_MS graphs, no gaps: the clock the
+- `sustained`: back-to-back samples of SAMPLE_MS["sustained"] graphs, no gaps: the clock the
   GPU holds under continuous load (what a long training job sees).
 """
 
@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexbench import stats
+from flexbench import stats, timers
 from flexbench.flops import quantile
 from flexbench.gpustate import Gpu, Reading
+from flexbench.timers import SAMPLE_MS
 
 WARMUP_CALLS = 5  # eager calls before any timing (allocator, cuDNN/cuBLAS heuristics)
 QUANTILES = (0.2, 0.5, 0.8)
-REGIMES = ("burst", "sustained")
-SAMPLE_MS = {"burst": 5.0, "sustained": 40.0}  # one sample: a graph (or do_bench) this long
 BURST_GAP = 1.0  # burst: idle this many times the round's length after each round
 RECOVERY_POLL_S = 0.005  # burst: poll the clock this often while waiting for it to recover
 RECOVERY_MAX_S = 1.0  # ... and give up waiting after this long (the sample is kept, throttled)
@@ -108,12 +107,19 @@ class Timing:
 
 @dataclass(frozen=True)
 class Settings:
-    """How to time: the regime, the stopping rule, the throttle threshold, the GPU to read."""
+    """How to time: the regime, the stopping rule, the throttle threshold, the GPU to read,
+    and one sample's length (ms; default: the regime's SAMPLE_MS, burst's on CPU)."""
 
     regime: str = "burst"
     rule: stats.StopRule = field(default_factory=stats.StopRule)
     throttle: float = THROTTLE_THRESHOLD
     gpu: Gpu | None = None
+    sample_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_ms is None:  # frozen: fill the default once
+            default = SAMPLE_MS.get(self.regime, SAMPLE_MS["burst"])  # CPU: regime 'none'
+            object.__setattr__(self, "sample_ms", default)
 
 
 def _clear(grads: Sequence[torch.Tensor]) -> None:
@@ -175,29 +181,26 @@ class GraphSampler:
         return [self.start.elapsed_time(self.end) / self.calls]
 
 
+# The class of each sampler of the timer table (timers.SAMPLERS describes them).
 SAMPLERS = {
     "cpu": CpuSampler,
     "do_bench": DoBenchSampler,
     "cudagraph": GraphSampler,
-    "cudagraph_stream": GraphSampler,
 }
 
 
-def timer_for(timer: str, kind: str) -> str:
-    """The sampler a config's timer uses for `kind` (fwd/bwd): `cudagraph` replays both from
-    CUDA graphs (backward on its forward's stream), `cudagraph_fwd` only the forward."""
-    if timer == "cudagraph_fwd":
-        return "cudagraph" if kind == "fwd" else "do_bench"
-    if timer == "cudagraph" and kind == "bwd":
-        return "cudagraph_stream"
-    return timer
+def sampler_for(timer: str, kind: str) -> str:
+    """The name of the sampler a config's timer uses for `kind` (fwd/bwd), from the timer
+    table: `cudagraph` replays both from CUDA graphs (backward on its forward's stream),
+    `cudagraph_fwd` only the forward."""
+    return timers.TIMERS[timer].sampler(kind)
 
 
 @contextmanager
 def side_stream(sampler: str) -> Iterator[None]:
     """Run the block on a new CUDA stream when `sampler` captures graphs (else as is): a graph
     is captured on the current stream, which must not be the default one."""
-    if not sampler.startswith("cudagraph"):
+    if not timers.SAMPLERS[sampler].graph:
         yield
         return
     stream = torch.cuda.Stream()
@@ -259,19 +262,20 @@ def _finish(s: _Series, settings: Settings, max_mhz: float) -> Timing:
 
 
 def time_all(
-    timer: str,
+    sampler: str,
     fns: dict[str, Callable[[], object]],
     settings: Settings | None = None,
     grads: Sequence[torch.Tensor] = (),
 ) -> dict[str, Timing]:
-    """Time every function in `fns` (name -> call) in interleaved rounds until each has
-    converged or hit the time limit; grads are set to None before every CPU/do_bench call."""
+    """Time every function in `fns` (name -> call) with `sampler` in interleaved rounds until
+    each has converged or hit the time limit; grads are set to None before every CPU/do_bench
+    call."""
     settings = settings or Settings()
-    device = "cpu" if timer == "cpu" else "cuda"
+    device = timers.SAMPLERS[sampler].device
     for fn in fns.values():
         warm_up(fn, device)
-    ms = SAMPLE_MS.get(settings.regime, SAMPLE_MS["burst"])  # CPU: regime 'none'
-    series = {name: _Series(SAMPLERS[timer](fn, grads, ms)) for name, fn in fns.items()}
+    make = SAMPLERS[sampler]
+    series = {name: _Series(make(fn, grads, settings.sample_ms)) for name, fn in fns.items()}
     max_mhz = settings.gpu.max_sm_mhz() if settings.gpu is not None else 0.0
     floor_mhz = settings.throttle * max_mhz
     start = time.perf_counter()

@@ -236,12 +236,15 @@ def test_bad_shard_is_rejected(index, count):
 
 
 def test_cudagraph_fwd_times_only_the_forward_in_a_graph():
-    from flexbench.timing import timer_for
+    from flexbench.timers import TIMERS
+    from flexbench.timing import sampler_for
 
-    assert [timer_for(t, "fwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
+    assert [sampler_for(t, "fwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
         "cudagraph", "cudagraph", "do_bench", "cpu"]
-    assert [timer_for(t, "bwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
-        "do_bench", "cudagraph_stream", "do_bench", "cpu"]
+    assert [sampler_for(t, "bwd") for t in ("cudagraph_fwd", "cudagraph", "do_bench", "cpu")] == [
+        "do_bench", "cudagraph", "do_bench", "cpu"]
+    # only cudagraph captures the backward on its forward's stream
+    assert [t for t in TIMERS if TIMERS[t].graph_bwd] == ["cudagraph"]
 
 
 # --- --config FILE ---------------------------------------------------------------------------

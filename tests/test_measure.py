@@ -294,7 +294,7 @@ def test_backward_graph_capture_failure_names_the_fallback_timer(monkeypatch):
     def capture_fails(fn, grads, ms):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
 
-    monkeypatch.setitem(timing.SAMPLERS, "cudagraph_stream", capture_fails)
+    monkeypatch.setitem(timing.SAMPLERS, "cudagraph", capture_fails)
     monkeypatch.setattr(timing, "side_stream", lambda sampler: contextlib.nullcontext())
     monkeypatch.setattr(timing, "warm_up", lambda fn, device: None)  # no CUDA to sync here
     fwd, dout, inputs = _sdpa_pair()

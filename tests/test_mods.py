@@ -286,3 +286,28 @@ def test_block_density_counts_per_batch_and_head_masks():
 
     block_mask = create_block_mask(half_causal, 1, 2, 1024, 1024, device="cpu")
     assert measure.block_density(block_mask) == pytest.approx(100 / 128)
+
+
+def test_dense_masks_and_biases_by_hand():
+    """The dense forms are derived from the mod itself: check them against hand-made ones.
+    q_len 4 against kv_len 6, aligned at the end: query i sits at key position i + 2."""
+    dims = mods.Dims(2, 4, 6, "cpu")
+    q, kv = torch.arange(4).view(-1, 1) + 2, torch.arange(6).view(1, -1)
+    ones = torch.ones(4, 6, dtype=torch.bool)
+    doc = torch.tensor([0, 0, 1, 1, 1, 1])  # 2 documents, lengths 1:2
+    by_hand = {
+        "causal": ones.tril(2),
+        "sliding_window:1": ones.tril(2) & ~ones.tril(0),
+        "prefix_lm:4": ones.tril(2) | (kv < 4),
+        "document_mask:2": doc[2:, None] == doc[None, :],
+    }
+    for spec, mask in by_hand.items():
+        assert torch.equal(mods.resolve(spec).build(dims).mask, mask[None, None]), spec
+    assert torch.equal(mods.resolve("rel").build(dims).bias, (q - 2 - kv).float()[None, None])
+    assert mods.resolve("head_bias").build(dims).bias.view(-1).tolist() == [0.0, 2.0]
+    slopes = mods.alibi_slopes(2, "cpu").view(1, -1, 1, 1)
+    alibi = mods.resolve("alibi").build(mods.Dims(2, 6, 6, "cpu")).bias
+    assert torch.equal(alibi, slopes * (kv - kv.T).float())
+    scores = torch.randn(1, 2, 4, 6)
+    softcap = mods.resolve("softcap:2").build(dims).transform(scores, torch.zeros(1))
+    assert torch.equal(softcap, 2 * torch.tanh(scores / 2))
