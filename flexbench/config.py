@@ -42,8 +42,8 @@ KEY_DEFAULTS = {
 KERNEL_OPTION_TYPES = (int, float, bool, str)
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 # What a sweep measures when the command line gives no sizes or dtype: the seed's sweep on a
-# GPU; on a CPU (forward only, about half a minute per mod on 2 cores, mostly compiling) one
-# small float32 shape: the seed's would take hours and up to ~34 GB.
+# GPU; on a CPU (forward only) one small float32 shape: the seed's would take hours there
+# (BENCHMARKS.md, "Figures the code cites").
 SIZE_DEFAULTS = {
     "cuda": {
         "batch": [2, 8, 16],

@@ -4,8 +4,8 @@ MLflow's own retries (7, exponential backoff: minutes per call) are cut to 2 a r
 refused connection or an unknown host is given up within seconds, as before. A server that
 answers slowly (a read timeout, or 429/502/503/504 after MLflow's retries) is *busy*: the
 tracking step is tried again with backoff until `--tracking-timeout` seconds have passed since
-its first try. Measured on the project's 2-core machine: a loopback server under a full CPU
-load took over 5 s to answer (the old fixed timeout), which read as an outage.
+its first try: a loaded server can take longer than a fixed timeout to answer, which read as
+an outage (BENCHMARKS.md, "Figures the code cites").
 """
 
 from __future__ import annotations

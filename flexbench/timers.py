@@ -14,7 +14,7 @@ from flexbench.choices import AUTO
 # One sample's length per regime on CUDA: a CUDA graph (or do_bench run) this long.
 SAMPLE_MS = {"burst": 5.0, "sustained": 40.0}
 REGIMES = tuple(SAMPLE_MS)
-DEFAULT_REGIME = "burst"  # agrees best with profiler kernel time (BENCHMARKS.md, H200)
+DEFAULT_REGIME = "burst"  # agrees best with profiler kernel time (BENCHMARKS.md §9)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ TIMERS: dict[str, Timer] = {
 }
 CHOICES = (AUTO, *TIMERS)
 # What `auto` means per device: graph replay reads kernel time without host overhead
-# (BENCHMARKS.md, "Why auto is cudagraph").
+# (BENCHMARKS.md §3-4 and "Figures the code cites").
 AUTO_TIMER = {"cuda": "cudagraph", "cpu": "cpu"}
 
 

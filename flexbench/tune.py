@@ -23,9 +23,8 @@ MLflow layout, three levels linked by mlflow.parentRunId:
 
 Option names: flex applies plain num_warps/num_stages to forward and backward kernels, plain
 BLOCK_M/BLOCK_N to the forward only (the backward reads BLOCK_M1/N1/M2/N2), and `fwd_`/`bwd_`
-prefixed names to one kernel. On an H100 at 8x16x4096x128 with a backward, every plain
-num_warps=4 point ran the backward 2.8x slower (BENCHMARKS.md §7): tune the forward with `fwd_`
-names to keep the backward's defaults.
+prefixed names to one kernel. A plain num_warps point can slow the backward down
+(BENCHMARKS.md §7): tune the forward with `fwd_` names to keep the backward's defaults.
 
 Time: every candidate compiles once (seconds each on a GPU, max-autotune minutes), so the
 default grid (56 candidates a config) takes long: narrow --grid, or tune one -mods at a time.
