@@ -114,7 +114,7 @@ def _masked(d: Dims, mask_mod: Callable) -> Built:
 
 def _biased(d: Dims, score_mod: Callable) -> Built:
     """An additive score_mod and its dense bias: score_mod(0, b, h, q_idx, kv_idx)."""
-    zero = torch.zeros((), device=d.device)
+    zero = torch.zeros((), dtype=torch.float32, device=d.device)
     return Built(score_mod=score_mod, bias=score_mod(zero, *_indices(d)))
 
 
