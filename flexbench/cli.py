@@ -10,6 +10,9 @@ from collections.abc import Callable
 import click
 
 from flexbench import choices, timers  # torch-free: the choices a config takes
+from flexbench import compare as compare_api
+from flexbench import history as history_api
+from flexbench import summary as summary_api
 
 EPILOG_RUN = """\b
 Examples:
@@ -538,7 +541,7 @@ def sync(journal: str | None, tracking_uri: str | None, status: bool, retry_fail
       MLFLOW_TRACKING_URI=http://mlflow.lan:5000 flexbench sync
       flexbench sync --status
     """
-    from flexbench import tracking
+    from flexbench import artifacts, tracking
 
     j = tracking.Journal(journal)
     if not j.path.exists():
@@ -549,7 +552,7 @@ def sync(journal: str | None, tracking_uri: str | None, status: bool, retry_fail
         return
     uri = _call_api(tracking.check_uri, {"uri": tracking.resolve_uri(tracking_uri)})
     try:
-        rep = tracking.sync(j, uri, retry_failed)
+        rep = artifacts.sync(j, uri, retry_failed)
     except tracking.TrackingError as exc:
         _warn_bad_lines(j)
         raise click.ClickException(str(exc)) from None
@@ -595,7 +598,6 @@ def _warn_bad_lines(journal: object) -> None:
         click.echo(note, err=True)
 
 
-REPORT_FORMAT = click.Choice(["table", "csv", "json", "markdown"])  # = report.FORMATS
 EPILOG_SUMMARY = """\b
 Examples:
   flexbench summary                       # the latest sweep of experiment flexbench
@@ -643,10 +645,16 @@ def experiment_name(ctx: click.Context, param: click.Parameter, value: str) -> s
     return query.mlflow_run_experiment() or "flexbench"
 
 
-def reading(f: Callable) -> Callable:
-    """--tracking-uri, --experiment and --format of the commands that read the server."""
-    f = click.option("--format", "fmt", type=REPORT_FORMAT, default="table", show_default=True)(f)
-    return store(f)
+def reading(formats: dict[str, Callable]) -> Callable[[Callable], Callable]:
+    """--tracking-uri, --experiment and --format (a name in `formats`) of the commands that
+    read the server."""
+
+    def decorate(f: Callable) -> Callable:
+        choice = click.Choice(list(formats))
+        f = click.option("--format", "fmt", type=choice, default="table", show_default=True)(f)
+        return store(f)
+
+    return decorate
 
 
 def store(f: Callable) -> Callable:
@@ -684,7 +692,7 @@ def selecting(f: Callable) -> Callable:
 
 
 @cli.command(epilog=EPILOG_SUMMARY)
-@reading
+@reading(summary_api.FORMATS)
 @selecting
 def summary(
     tracking_uri: str | None,
@@ -695,16 +703,14 @@ def summary(
     where: tuple[str, ...],
 ) -> None:
     """Print a sweep's per-config table and Average/Max/Min speedups, read from MLflow."""
-    from flexbench import report
-
-    result = _report(report.summary, tracking_uri, experiment, sweep, where, sweep_id)
-    click.echo(report.render_summary(result, fmt))
+    result = _report(summary_api.summary, tracking_uri, experiment, sweep, where, sweep_id)
+    click.echo(_report(summary_api.render_summary, result, fmt))
 
 
 @cli.command(epilog=EPILOG_COMPARE)
 @click.argument("base", required=False)
 @click.argument("contender", required=False)
-@reading
+@reading(compare_api.FORMATS)
 @click.option("--base-where", multiple=True, help="select the base: " + WHERE_HELP + "...")
 @click.option("--contender-where", multiple=True, help="select the contender, as --base-where")
 @click.option("--where", multiple=True, help="narrow both sides, as --base-where")
@@ -737,11 +743,10 @@ def compare(
     BASE and CONTENDER are sweep run ids (or latest / all); without them, --base-where and
     --contender-where select each side from all sweeps.
     """
-    from flexbench import report
-
-    sides = _report(report.sides, base, contender, base_where, contender_where, where)
-    result = _report(report.compare, *sides, tracking_uri, experiment, threshold, ignore_clocks)
-    click.echo(report.render_compare(result, fmt))
+    sides = _report(compare_api.sides, base, contender, base_where, contender_where, where)
+    args = (*sides, tracking_uri, experiment, threshold, ignore_clocks)
+    result = _report(compare_api.compare, *args)
+    click.echo(_report(compare_api.render_compare, result, fmt))
     if not result.matches:
         click.echo("Error: no config is on both sides; nothing was compared", err=True)
     sys.exit(result.exit_code)
@@ -800,7 +805,7 @@ Examples:
 
 
 @cli.command(epilog=EPILOG_HISTORY)
-@reading
+@reading(history_api.FORMATS)
 @click.option("--where", multiple=True, help=WHERE_HELP + "gpu=...; repeatable (AND)")
 @click.option(
     "--since",
@@ -842,7 +847,7 @@ Examples:
     "--timing",
     "timings",
     multiple=True,
-    type=click.Choice(["fwd_eager_us", "fwd_compiled_us", "bwd_eager_us", "bwd_compiled_us"]),
+    type=click.Choice(history_api.TIMINGS),
     help="timings to judge (default: all measured)",
 )
 def history(
@@ -869,12 +874,12 @@ def history(
     newest run ran on another GPU or regime, or was throttled or unconverged). Where the
     environment (torch, triton, driver, ...) changed, the table says so.
     """
-    from flexbench import history as api
-
-    rule = api.Rule(lookback=lookback, z=z, min_change=min_change, min_history=min(3, lookback))
+    rule = history_api.Rule(
+        lookback=lookback, z=z, min_change=min_change, min_history=min(3, lookback)
+    )
     keys = _split((comparable_on,))
     result = _report(
-        api.history,
+        history_api.history,
         tracking_uri,
         experiment,
         where,
@@ -882,9 +887,9 @@ def history(
         last,
         rule,
         keys,
-        timings or api.TIMINGS,
+        timings or history_api.TIMINGS,
     )
-    click.echo(api.render(result, fmt))
+    click.echo(_report(history_api.render, result, fmt))
     sys.exit(result.exit_code)
 
 

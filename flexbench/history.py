@@ -25,15 +25,16 @@ import csv
 import io
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from tabulate import tabulate
 
-from flexbench import html_report, query, report
+from flexbench import html_report, query, report, schema
+from flexbench.schema import SWEEP_ID_TAG
 
-TIMINGS = report.TIMINGS
+TIMINGS = schema.TIMINGS
 ENV_KEYS = ("gpu", "driver", "cuda", "torch", "triton", "regime")  # shown when they change
 COMPARABLE_ON = ("gpu", "regime")  # by default, a change of these breaks the series
 FLAG_SUFFIXES = ("_throttled", "_unconverged")
@@ -310,9 +311,9 @@ def build(
     keys = list(comparable_on)
     groups: dict[tuple[str, ...], dict[str, dict]] = {}
     for row in sorted(rows, key=lambda r: (r.get("start_time") or 0, r.get("run_name", ""))):
-        if row.get("status") != "FINISHED" or row.get(report.TUNE_KEY_TAG):
+        if row.get("status") != "FINISHED" or row.get(schema.TUNE_KEY_TAG):
             continue
-        sweep = str(row.get(SWEEP_ID) or row.get("sweep_run_id") or row.get("run_id"))
+        sweep = str(row.get(SWEEP_ID_TAG) or row.get("sweep_run_id") or row.get("run_id"))
         groups.setdefault(report.match_key(row), {})[sweep] = row  # the latest run per sweep
     out = []
     for key, by_sweep in groups.items():
@@ -320,15 +321,12 @@ def build(
         for before, after in zip(points, points[1:]):
             after.env_change = env_diff(before.env, after.env)
         last = list(by_sweep.values())[-1]
-        identity = {k: str(last.get(k, "")) for k in report.MATCH}
+        identity = {k: str(last.get(k, "")) for k in schema.identity_params()}
         series = Series(key, str(last.get("run_name", "")), identity, points)
         present = [t for t in timings if t in points[-1].timings]
         series.judgements = [judge(points, t, rule, keys) for t in present]
         out.append(series)
     return sorted(out, key=lambda s: s.label)
-
-
-SWEEP_ID = "flexbench.sweep_id"  # = tracking.SWEEP_ID_TAG (history does not import tracking)
 
 
 def select_sweeps(
@@ -340,10 +338,10 @@ def select_sweeps(
     if last:
         starts: dict[str, int] = {}
         for r in rows:
-            sweep = str(r.get(SWEEP_ID, ""))
+            sweep = str(r.get(SWEEP_ID_TAG, ""))
             starts[sweep] = min(starts.get(sweep, 1 << 62), int(r.get("start_time") or 0))
         keep = set(sorted(starts, key=starts.__getitem__)[-last:])
-        rows = [r for r in rows if str(r.get(SWEEP_ID, "")) in keep]
+        rows = [r for r in rows if str(r.get(SWEEP_ID_TAG, "")) in keep]
     return list(rows)
 
 
@@ -447,15 +445,13 @@ def summary_row(s: Series) -> dict:
 
 
 def render(h: History, fmt: str = "table") -> str:
-    """The history as a table (one line per config, a sparkline of the deciding timing),
-    `markdown`, `csv` (one line per config, timing and point) or `json`."""
-    if fmt == "json":
-        return report.to_json(data(h))
-    if fmt == "csv":
-        return to_csv(h)
-    if fmt not in report.FORMATS:
-        raise ValueError(f"format must be one of {', '.join(report.FORMATS)}, got {fmt!r}")
-    bold = "**" if fmt == "markdown" else ""
+    """The history in a format of `FORMATS` (ValueError for another): a table (one line per
+    config, a sparkline of the deciding timing), `markdown`, `csv` (one line per config,
+    timing and point) or `json`."""
+    return report.renderer(FORMATS, fmt)(h)
+
+
+def _text(h: History, bold: str = "") -> str:
     body = [summary_row(s) for s in h.series]
     table = tabulate(body, headers="keys", tablefmt="github")
     out = f"{bold}flexbench history{bold} of {h.source}\n{h.headline()}\n\n{table}\n"
@@ -552,6 +548,14 @@ def to_csv(h: History) -> str:
                     row = {"config": s.label, "timing": j.timing, "status": j.status}
                     writer.writerow({**row, **_point_data(p, j.timing)})
     return buf.getvalue()
+
+
+FORMATS: dict[str, Callable[[History], str]] = {
+    "table": _text,
+    "csv": to_csv,
+    "json": lambda h: report.to_json(data(h)),
+    "markdown": lambda h: _text(h, "**"),
+}
 
 
 # --- trends for report.html ------------------------------------------------------------------

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-REASON_TAG = "flexbench.closed_reason"
+from flexbench.mlflow_search import quote, search_all
+from flexbench.schema import CLOSED_TAG, KIND_TAG, SOURCE_NAME_TAG, SOURCE_TYPE_TAG, USER_TAG
+
 REASON = (
     "left RUNNING by `mlflow run`, whose process ended before flexbench started (e.g. "
     "'Could not find Conda executable': add --env-manager local); closed by flexbench"
@@ -28,8 +30,8 @@ STARTED_SLACK_S = 1.0  # /proc start times are whole seconds after boot: allow o
 ANCESTORS = 8  # levels from an entry point's process up to its `mlflow run` (bash, python)
 PROC = Path("/proc")
 LEFT = (
-    "attributes.status = 'RUNNING' and tags.`mlflow.source.type` = 'PROJECT' "
-    "and tags.`mlflow.user` = {user}"
+    f"attributes.status = 'RUNNING' and tags.`{SOURCE_TYPE_TAG}` = 'PROJECT' "
+    f"and tags.`{USER_TAG}` = {{user}}"
 )
 
 
@@ -45,8 +47,6 @@ class Process:
 def close_leftovers(client, exp_id: str, own_run_id: str = "") -> list[str]:
     """Close (FAILED, tag `flexbench.closed_reason`) every run of the experiment that a failed
     `mlflow run` left RUNNING; returns their run ids."""
-    from flexbench.tracking import KIND_TAG, quote, search_all
-
     if not PROC.is_dir():
         return []
     query = LEFT.format(user=quote(getpass.getuser()))
@@ -62,7 +62,7 @@ def close_leftovers(client, exp_id: str, own_run_id: str = "") -> list[str]:
     closed = []
     for run in left:
         if not any(_may_own(p, run, owning) for p in processes):
-            client.set_tag(run.info.run_id, REASON_TAG, REASON)
+            client.set_tag(run.info.run_id, CLOSED_TAG, REASON)
             client.set_terminated(run.info.run_id, "FAILED")
             closed.append(run.info.run_id)
     return closed
@@ -70,7 +70,7 @@ def close_leftovers(client, exp_id: str, own_run_id: str = "") -> list[str]:
 
 def _from_here(run) -> bool:
     """The run's project is a directory on this host (`mlflow.source.name` file:// or path)."""
-    source = run.data.tags.get("mlflow.source.name", "")
+    source = run.data.tags.get(SOURCE_NAME_TAG, "")
     path = urlparse(source).path if source.startswith("file:") else source
     return bool(path) and Path(path.split("#")[0]).exists()
 

@@ -29,16 +29,12 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from flexbench import baselines, env, flops, gpustate, kernels, mods, stats, timers, timing
 from flexbench.config import BenchConfig
+from flexbench.schema import BASELINE_SKIPPED_TAG, FLEX, INEXACT_TAG, KERNELS_TAG, PRIMARY
 
 RNG_SEED = 123  # the random inputs (q, k, v, dout): the same in every run
 # (atol, rtol) of |flex - reference| <= atol + rtol * max|reference|, per dtype.
 TOLERANCE = {"float32": (1e-3, 1e-3), "float16": (5e-3, 5e-3), "bfloat16": (3e-2, 3e-2)}
 COMPILE_MODES = {False: "default", True: "max-autotune-no-cudagraphs"}
-FLEX = "compiled"  # flex's series in the seed's metric names (fwd_compiled_us)
-PRIMARY = "eager"  # the first measured baseline's series in the seed's names (fwd_eager_us)
-KERNELS_TAG = "flexbench.{}_kernels"  # flex, or a baseline's name
-INEXACT_TAG = "flexbench.baseline_inexact"
-SKIPPED_TAG = "flexbench.baseline_skipped"
 # The kernel family a requested flex backend must show (kernels.family of flex's kernels).
 BACKEND_FAMILY = {"triton": "triton", "triton_decode": "triton", "flash": "flash"}
 
@@ -57,21 +53,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-    def record(self) -> dict:
-        """Plain-JSON form for the journal and tracking (no torch types)."""
-        params = self.config.params()
-        if self.baseline:
-            params["baseline"] = self.baseline
-        return {
-            "config_key": self.config.config_key(),
-            "run_name": self.config.run_name(),
-            "params": params,
-            "metrics": self.metrics,
-            "status": "FINISHED" if self.ok else "FAILED",
-            "error": self.error,
-            "tags": self.tags,
-        }
 
 
 class Laps:
@@ -510,7 +491,7 @@ def checked_baselines(
             result.baseline = b.form(case.built)
         ready[b.name] = fn
     if skipped:
-        result.tags[SKIPPED_TAG] = "; ".join(skipped)[: kernels.TAG_CHARS]
+        result.tags[BASELINE_SKIPPED_TAG] = "; ".join(skipped)[: kernels.TAG_CHARS]
     if inexact:
         result.tags[INEXACT_TAG] = "; ".join(inexact)[: kernels.TAG_CHARS]
     return ready

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 
+from flexbench.schema import VIEW_TAG_PREFIX
+
 VIEW_KEY = "flexbench"
-VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_TAG = f"{VIEW_TAG_PREFIX}{VIEW_KEY}"
 METRIC_COLUMNS = (
     "fwd_speedup",  # config runs
     "fwd_speedup_geomean",  # sweep runs

@@ -25,29 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexbench import tracking
+from flexbench import mlflow_search, schema, tracking
 from flexbench.env import ENV_TAGS
+from flexbench.record import RunRecord
+from flexbench.schema import KIND_TAG, PARENT_TAG, PART_TAG, SWEEP_ID_TAG
 
-PARAM_KEYS = (
-    "shape",
-    "batch",
-    "heads",
-    "kv_heads",
-    "q_len",
-    "kv_len",
-    "head_dim",
-    "dtype",
-    "score_mod",
-    "device",
-    "calculate_bwd",
-    "dynamic",
-    "max_autotune",
-    "timer",
-    "baseline",
-    "baselines",
-    "flex_backend",
-)
-BOOL_PARAMS = ("calculate_bwd", "dynamic", "max_autotune")
 ATTRIBUTES = {"status": "r.status", "run_name": "r.name"}  # --where key -> runs column
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 WHERE_CLAUSE = re.compile(r"\s*([A-Za-z_][\w.]*)\s*(!=|=)\s*(.*?)\s*")
@@ -77,14 +59,15 @@ class Clause:
         prefix, _, name = self.key.partition(".")
         if prefix in ("params", "tags") and name:
             return prefix, name
-        if self.key in PARAM_KEYS or self.key.startswith("ko_"):
+        if self.key in schema.param_keys() or self.key.startswith(schema.OPTIONS_PREFIX):
             return "params", self.key
         if self.key in ENV_TAGS or (prefix in ("flexbench", "mlflow") and name):
             return "tags", self.key
         if self.key in ATTRIBUTES:
             return "attributes", self.key
         raise ValueError(
-            f"--where: unknown key '{self.key}'; use a param ({', '.join(PARAM_KEYS)}, ko_*), "
+            f"--where: unknown key '{self.key}'; use a param ({', '.join(schema.param_keys())}, "
+            "ko_*), "
             f"an environment tag ({', '.join(ENV_TAGS)}), status, run_name, or params.NAME / "
             "tags.NAME"
         )
@@ -93,7 +76,7 @@ class Clause:
         """As an MLflow search filter."""
         kind, name = self.target()
         field = f"attributes.{name}" if kind == "attributes" else f"{kind}.`{name}`"
-        return f"{field} {self.op} {tracking.quote(self.value)}"
+        return f"{field} {self.op} {mlflow_search.quote(self.value)}"
 
 
 def tag_is(tag: str, value: str) -> Clause:
@@ -102,7 +85,7 @@ def tag_is(tag: str, value: str) -> Clause:
 
 def _value(key: str, value: str) -> str:
     """Values as logged: lower-case booleans, torch dtype names, upper-case status."""
-    if key in BOOL_PARAMS:
+    if key in schema.bool_params():
         return value.lower()
     if key == "dtype":
         return DTYPE_ALIASES.get(value, value)
@@ -177,19 +160,8 @@ class Scope:
 
 
 def row_from_run(info: dict, tags: dict, params: dict, metrics: dict) -> dict:
-    """One config run as a report row: params (whole numbers as int), metrics, environment
-    and flexbench tags (MLflow's own `mlflow.*` tags dropped), run and sweep run ids."""
-    return {
-        **{k: v for k, v in tags.items() if not k.startswith("mlflow.")},
-        **{k: int(v) if v.isdigit() else v for k, v in params.items()},
-        **metrics,
-        "run_name": info["run_name"],
-        "status": info["status"],
-        "error": tags.get(tracking.ERROR_TAG, ""),
-        "run_id": info["run_id"],
-        "sweep_run_id": tags.get(tracking.PARENT_TAG, ""),
-        "start_time": info["start_time"],
-    }
+    """One config run as a report row (`RunRecord.to_row`)."""
+    return RunRecord.from_mlflow(info, tags, params, metrics).to_row()
 
 
 @contextmanager
@@ -228,11 +200,11 @@ class MlflowReader:
         """(sweep id, start time) of the `count` sweep runs that started last, newest first."""
         runs = self.client.search_runs(
             [exp_id],
-            tag_is(tracking.KIND_TAG, "sweep").filter(),
+            tag_is(KIND_TAG, "sweep").filter(),
             max_results=count,
             order_by=["attributes.start_time DESC"],
         )
-        return [(r.data.tags.get(tracking.SWEEP_ID_TAG, ""), r.info.start_time) for r in runs]
+        return [(r.data.tags.get(SWEEP_ID_TAG, ""), r.info.start_time) for r in runs]
 
     def run(self, run_id: str) -> RunRef | None:
         from mlflow.exceptions import MlflowException
@@ -245,7 +217,7 @@ class MlflowReader:
                 raise
             return None
         tags = run.data.tags
-        kind, part = tags.get(tracking.KIND_TAG, ""), tags.get(tracking.PART_TAG, "")
+        kind, part = tags.get(KIND_TAG, ""), tags.get(PART_TAG, "")
         return RunRef(run.info.run_id, run.info.experiment_id, run.info.run_name, kind, part)
 
     def tag(self, run_id: str, key: str) -> str | None:
@@ -265,7 +237,7 @@ class MlflowReader:
         with no_gc():
             return [
                 row_from_run(_info(r.info), r.data.tags, r.data.params, r.data.metrics)
-                for r in tracking.search_all(self.client, experiment_ids, flt)
+                for r in mlflow_search.search_all(self.client, experiment_ids, flt)
             ]
 
 
@@ -307,14 +279,14 @@ class SqlReader:
         return sweeps[0][0] if sweeps else None
 
     def latest_sweeps(self, exp_id: str, count: int) -> list[tuple[str, int]]:
-        sub, params = matching([exp_id], [tag_is(tracking.KIND_TAG, "sweep")])
+        sub, params = matching([exp_id], [tag_is(KIND_TAG, "sweep")])
         with self.engine.connect() as conn:
             rows = self._all(
                 conn,
                 "SELECT t.value, r.start_time FROM runs r LEFT JOIN tags t ON "
                 f"t.run_uuid = r.run_uuid AND t.key = :sweep_tag WHERE r.run_uuid IN ({sub}) "
                 "ORDER BY r.start_time DESC LIMIT :count",
-                {**params, "sweep_tag": tracking.SWEEP_ID_TAG, "count": count},
+                {**params, "sweep_tag": SWEEP_ID_TAG, "count": count},
             )
         return [(row[0] or "", int(row[1] or 0)) for row in rows]
 
@@ -323,7 +295,7 @@ class SqlReader:
             "SELECT r.run_uuid, r.experiment_id, r.name, t.value, p.value FROM runs r "
             "LEFT JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = :kind "
             "LEFT JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = :part WHERE r.run_uuid = :id",
-            {"id": run_id, "kind": tracking.KIND_TAG, "part": tracking.PART_TAG},
+            {"id": run_id, "kind": KIND_TAG, "part": PART_TAG},
         )
         return (
             RunRef(row[0], str(row[1]), row[2] or "", row[3] or "", row[4] or "") if row else None
@@ -478,11 +450,7 @@ def scope(r: MlflowReader | SqlReader, experiment: str, sel: Selection) -> Scope
             raise NotFound(f"run '{sel.sweep}' is not a sweep run (flexbench.kind={run.kind})")
         label = f"sweep run {run.run_id} ({run.name})"
         # Its config runs carry its part id, also a tune's candidates (children of tune runs).
-        mine = (
-            tag_is(tracking.PART_TAG, run.part_id)
-            if run.part_id
-            else tag_is(tracking.PARENT_TAG, run.run_id)
-        )
+        mine = tag_is(PART_TAG, run.part_id) if run.part_id else tag_is(PARENT_TAG, run.run_id)
         return Scope([run.experiment_id], [mine], label)
     exp_id = r.experiment(experiment)
     if exp_id is None:
@@ -492,13 +460,13 @@ def scope(r: MlflowReader | SqlReader, experiment: str, sel: Selection) -> Scope
         )
     if sel.sweep_id:
         label = f"sweep id {sel.sweep_id}"
-        return Scope([exp_id], [tag_is(tracking.SWEEP_ID_TAG, sel.sweep_id)], label)
+        return Scope([exp_id], [tag_is(SWEEP_ID_TAG, sel.sweep_id)], label)
     if sel.sweep == "all":
         return Scope([exp_id], [], f"all sweeps of experiment '{experiment}'")
     sweep_id = r.latest_sweep_id(exp_id)
     if sweep_id is None:
         raise NotFound(f"no sweep runs in experiment '{experiment}': run `flexbench run` first")
-    return Scope([exp_id], [tag_is(tracking.SWEEP_ID_TAG, sweep_id)], f"latest sweep {sweep_id}")
+    return Scope([exp_id], [tag_is(SWEEP_ID_TAG, sweep_id)], f"latest sweep {sweep_id}")
 
 
 def read(
@@ -516,7 +484,7 @@ def read(
     where = sel.clauses()
     with reader(tracking_uri) as r:
         s = scope(r, experiment, sel)
-        clauses = [tag_is(tracking.KIND_TAG, "config"), *s.clauses, *where]
+        clauses = [tag_is(KIND_TAG, "config"), *s.clauses, *where]
         rows = r.rows(s.experiment_ids, clauses, None, metrics)
     narrowed = f" where {', '.join(sel.where)}" if sel.where else ""
     if not rows:
@@ -538,5 +506,5 @@ def read_recent(
         if not latest:
             return []
         since = min(start for _, start in latest)
-        rows = r.rows([experiment_id], [tag_is(tracking.KIND_TAG, "config")], since, metrics)
+        rows = r.rows([experiment_id], [tag_is(KIND_TAG, "config")], since, metrics)
     return sorted(rows, key=lambda row: (row["start_time"], row["run_name"]))

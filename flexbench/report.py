@@ -1,13 +1,8 @@
-"""Tables and aggregates from results (records or MLflow runs): the seed's tables.
+"""Tables, aggregates and figures from rows: pure (rows in, text out; reads nothing).
 
-A *row* is one config as a flat dict of strings/floats: its params, metrics, `run_name`,
-`status` and `error`. Rows come from journal records (`row_from_record`) or from MLflow runs
-(`query.row_from_run`), so the console, the sweep run's artifacts and `flexbench summary` all
-print the same tables.
-
-`summary` and `compare` read config runs back from the tracking server (`query.read`) and
-never re-measure: `summary` prints one sweep's tables, `compare` matches two sets of runs by
-config identity and flags regressions.
+A *row* is one config run's `record.RunRecord.to_row()`: its tags, params, metrics,
+`run_name`, `status` and `error`. The console, the sweep run's artifacts, `flexbench summary`
+(`summary`), `compare` (`compare`) and `history` print the same tables from the same rows.
 """
 
 from __future__ import annotations
@@ -16,29 +11,25 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 
 from tabulate import tabulate
 
-from flexbench import kernels, query  # query imports tracking, which imports this module
+from flexbench import kernels, schema
 from flexbench.flops import geomean
-
-KINDS = ("fwd", "bwd")
-IDENTITY = ("shape", "kv_heads", "kv_len", "score_mod", "dtype")
-# Shown in the table only when they differ between rows (e.g. `--sweep all` over two stacks).
-VARYING = (
-    "baseline",
-    "device",
-    "timer",
-    "regime",
-    "dynamic",
-    "max_autotune",
-    "gpu",
-    "torch",
-    "triton",
-    "cuda",
+from flexbench.schema import (
+    BASELINE_SKIPPED_TAG,
+    CANDIDATE_TAG,
+    DEFAULT_CANDIDATE,
+    INEXACT_TAG,
+    KINDS,
+    SKIPPED_TAG,
+    SWEEP_ID_TAG,
+    TUNE_CONFIG_TAG,
+    TUNE_KEY_TAG,
 )
+
+IDENTITY = schema.TABLE_IDENTITY
 TABLE_COLUMNS = (
     "shape",
     "kv_heads",
@@ -60,22 +51,6 @@ TABLE_COLUMNS = (
     "sparsity",
     "max_abs_err",
 )
-INEXACT_TAG = "flexbench.baseline_inexact"  # = measure.INEXACT_TAG (measure imports torch)
-SKIPPED_TAG_BASELINE = "flexbench.baseline_skipped"  # = measure.SKIPPED_TAG
-KERNELS_TAG = "flexbench.{}_kernels"  # = measure.KERNELS_TAG
-
-
-def row_from_record(record: dict) -> dict:
-    """A journal record (or result entry) as a row, with its flexbench tags (as MLflow's)."""
-    tags = record.get("tags", {})
-    return {
-        **{k: v for k, v in tags.items() if k.startswith("flexbench.")},
-        **record["params"],
-        **record["metrics"],
-        "run_name": record["run_name"],
-        "status": record["status"],
-        "error": record.get("error") or "",
-    }
 
 
 def ok_rows(rows: Sequence[dict]) -> list[dict]:
@@ -129,7 +104,7 @@ def baseline_label(row: dict) -> str:
     and, when over tolerance, its approximation: `sdpa_attn_mask [flash] approximate (bf16
     mask)`."""
     name = primary_name(row)
-    family = kernels.family(str(row.get(KERNELS_TAG.format(name), ""))) if name else ""
+    family = kernels.family(str(row.get(schema.kernels_tag(name), ""))) if name else ""
     label = " ".join(filter(None, (str(row.get("baseline", "")), f"[{family}]" if family else "")))
     return " ".join(filter(None, (label, approximate(row, name) if name else "")))
 
@@ -139,9 +114,9 @@ def baseline_summary(rows: Sequence[dict]) -> list[dict]:
     reason), kernel families, approximate configs, fwd/bwd speedup geomeans."""
     good, out = ok_rows(rows), []
     for name in baseline_names(good):
-        skips = [tag_entries(r, SKIPPED_TAG_BASELINE).get(name) for r in good]
+        skips = [tag_entries(r, BASELINE_SKIPPED_TAG).get(name) for r in good]
         reasons = [s for s in skips if s]
-        families = {kernels.family(str(r.get(KERNELS_TAG.format(name), ""))) for r in good}
+        families = {kernels.family(str(r.get(schema.kernels_tag(name), ""))) for r in good}
         entry = {
             "baseline": name,
             "timed": sum(f"fwd_{name}_us" in r for r in good),
@@ -209,7 +184,7 @@ def _columns(rows: Sequence[dict]) -> list[str]:
         cols.remove("kv_heads") if "kv_heads" in cols else None
     if all(r.get("kv_len") == r.get("q_len") for r in rows):
         cols.remove("kv_len") if "kv_len" in cols else None
-    options = [*VARYING, *sorted(k for k in present if k.startswith("ko_"))]
+    options = [*schema.varying_columns(), *sorted(k for k in present if k.startswith("ko_"))]
     varying = [k for k in options if len({str(r.get(k, "")) for r in rows}) > 1]
     at = cols.index("dtype") + 1 if "dtype" in cols else len(cols)
     return cols[:at] + varying + cols[at:]
@@ -228,7 +203,7 @@ def results_table(rows: Sequence[dict], fmt: str = "github") -> str:
         at = cols.index("dtype") + 1 if "dtype" in cols else len(cols)
         cols.insert(at, "baseline")
     word = baseline_word(good)
-    body = [[_num(r.get(c, "")) for c in cols] for r in labelled]
+    body = [[r.get(c, "") for c in cols] for r in labelled]
     headers = [side_header(c, word) for c in cols]
     return tabulate(body, headers=headers, tablefmt=fmt, floatfmt=float_formats(cols))
 
@@ -274,19 +249,6 @@ def float_formats(cols: Sequence[str]) -> list[str]:
 def heading(title: str) -> str:
     """A markdown heading between tables (the terminal prints markdown tables too)."""
     return f"\n### {title}\n"
-
-
-def _num(value: object) -> object:
-    """Numbers stay as they are (int(2.7) would truncate a speedup to 2); strings that hold a
-    number (MLflow params) become int or float, so tabulate aligns and formats them."""
-    if not isinstance(value, str):
-        return value
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            continue
-    return value
 
 
 def aggregate_rows(rows: Sequence[dict], kind: str) -> list[dict]:
@@ -396,42 +358,18 @@ def to_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
+def renderer(formats: Mapping[str, Callable], fmt: str) -> Callable:
+    """The renderer of `fmt` in a table of formats (name -> renderer); ValueError naming the
+    formats for an unknown one."""
+    if fmt not in formats:
+        raise ValueError(f"format must be one of {', '.join(formats)}, got {fmt!r}")
+    return formats[fmt]
+
+
 def close(figure) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(figure)
-
-
-FORMATS = ("table", "csv", "json", "markdown")
-
-
-# --- flexbench summary -----------------------------------------------------------------------
-
-
-@dataclass
-class Summary:
-    """One summary: config rows and where they came from."""
-
-    rows: list[dict]
-    source: str
-
-
-def summary(
-    tracking_uri: str | None = None,
-    experiment: str = "flexbench",
-    sweep: str = "latest",
-    where: Sequence[str] = (),
-    sweep_id: str | None = None,
-) -> Summary:
-    """`flexbench summary`: config runs of the latest sweep (or `all`, a sweep run id, or every
-    shard of a sweep id), narrowed by --where, read from MLflow alone.
-
-    ValueError for a bad --where; query.NotFound when there is nothing to show;
-    tracking.TrackingError when the server fails.
-    """
-    selection = query.Selection(sweep, sweep_id, tuple(where))
-    rows, label = query.read(selection, tracking_uri, experiment)
-    return Summary(rows, label)
 
 
 def aggregates(rows: Sequence[dict]) -> dict:
@@ -470,39 +408,7 @@ def to_json(data: object) -> str:
     return json.dumps(clean(data), indent=2)
 
 
-def render_summary(s: Summary, fmt: str = "table") -> str:
-    """The summary as the seed's tables (`table`), `markdown`, `csv` or `json`
-    ({"rows": [...], "aggregates": {...}})."""
-    if fmt == "json":
-        return to_json({"rows": s.rows, "aggregates": aggregates(s.rows)})
-    if fmt == "csv":
-        return to_csv(s.rows)
-    if fmt == "markdown":
-        return summary_markdown(s.rows, f"flexbench summary of {s.source}")
-    if fmt == "table":
-        return f"{s.source}: {len(s.rows)} configs\n\n{seed_tables(s.rows)}"
-    raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-
-
-# --- flexbench compare -----------------------------------------------------------------------
-
-TIMINGS = ("fwd_eager_us", "fwd_compiled_us", "bwd_eager_us", "bwd_compiled_us")
-# A config's identity across sweeps and software stacks: what was measured and how, not on
-# which torch/GPU (plus kernel options, ko_*). Not calculate_bwd: fwd compares either way.
-MATCH = (
-    "shape",
-    "kv_heads",
-    "kv_len",
-    "dtype",
-    "score_mod",
-    "device",
-    "dynamic",
-    "max_autotune",
-    "timer",
-)
-DEFAULT_THRESHOLD = 0.05
-REGRESSIONS = ("regression", "now fails")
-NOT_COMPARABLE = "not comparable"
+# --- a config's identity across sweeps -------------------------------------------------------
 
 
 def match_key(row: dict) -> tuple[str, ...]:
@@ -511,335 +417,11 @@ def match_key(row: dict) -> tuple[str, ...]:
     torch/GPU (environment is not identity). Runs logged before `align` existed aligned end."""
     options = sorted(f"{k}={row[k]}" for k in row if k.startswith("ko_"))
     mod = (str(row.get("mod_sha", "")), str(row.get("align") or "end"))
-    return (*(str(row.get(k, "")) for k in MATCH), *mod, *options)
-
-
-def spread(row: dict, timing: str) -> float:
-    """The measured p20–p80 spread of one timing, µs (0 when not logged)."""
-    lo, hi = row.get(f"{timing}_p20"), row.get(f"{timing}_p80")
-    return float(hi) - float(lo) if lo is not None and hi is not None else 0.0
-
-
-def verdict(
-    base: float, contender: float, base_spread: float, contender_spread: float, threshold: float
-) -> str:
-    """`regression` (slower) or `improvement` (faster) when the change exceeds both the
-    threshold (a fraction of base) and the p20–p80 spread of each run; else ``."""
-    delta = contender - base
-    if abs(delta) <= threshold * base or abs(delta) <= max(base_spread, contender_spread):
-        return ""
-    return "regression" if delta > 0 else "improvement"
-
-
-@dataclass
-class Change:
-    """One timing of one config in both runs."""
-
-    timing: str
-    base_us: float
-    contender_us: float
-    base_spread_us: float
-    contender_spread_us: float
-    verdict: str
-
-    @property
-    def ratio(self) -> float:
-        """contender / base: above 1 is slower."""
-        return self.contender_us / self.base_us if self.base_us else math.nan
-
-
-@dataclass
-class Match:
-    """One config found on both sides."""
-
-    base: dict
-    contender: dict
-    changes: list[Change] = field(default_factory=list)
-    ignore_clocks: bool = False
-
-    @property
-    def name(self) -> str:
-        return str(self.base.get("run_name", ""))
-
-    @property
-    def status(self) -> str:
-        """regression, improvement, unchanged, now fails, now passes or fails in both."""
-        ok = (self.base.get("status") == "FINISHED", self.contender.get("status") == "FINISHED")
-        if ok != (True, True):
-            return {(True, False): "now fails", (False, True): "now passes"}.get(
-                ok, "fails in both"
-            )
-        if self.incomparable():
-            return NOT_COMPARABLE
-        verdicts = {c.verdict for c in self.changes}
-        return next((v for v in ("regression", "improvement") if v in verdicts), "unchanged")
-
-    def incomparable(self) -> str:
-        """Why the two timings cannot be judged (regimes differ, a side ran throttled or
-        unconverged), or '' (always '' with ignore_clocks)."""
-        if self.ignore_clocks:
-            return ""
-        regimes = (str(self.base.get("regime", "")), str(self.contender.get("regime", "")))
-        if regimes[0] != regimes[1]:
-            return f"regime {regimes[0] or '?'} vs {regimes[1] or '?'}"
-        for side, row in (("base", self.base), ("contender", self.contender)):
-            if f := flagged(row):
-                return f"{side}: {', '.join(f)}"
-        return ""
-
-    def detail(self) -> str:
-        """The status with what changed, e.g. `regression: fwd_compiled_us +20.0%`."""
-        if self.status == "now fails":
-            return f"now fails: {self.contender.get('error', '')}"
-        if self.status == NOT_COMPARABLE:
-            return f"{NOT_COMPARABLE}: {self.incomparable()} (--ignore-clocks to judge anyway)"
-        word = baseline_family(str(self.base.get("baseline", "")))
-        flagged = [
-            f"{side_header(c.timing, word)} {c.ratio - 1:+.1%}" for c in self.changes if c.verdict
-        ]
-        return f"{self.status}: {', '.join(flagged)}" if flagged else self.status
-
-
-def timings(base: dict, contender: dict) -> list[str]:
-    """The timings to compare: flex's; the seed's eager ones when both ran the same first
-    baseline the same way (`baseline` param); and every named baseline both ran, matched by
-    name (`fwd_<name>_us`), but for a first baseline that the eager ones already cover."""
-    same_first = str(base.get("baseline", "")) == str(contender.get("baseline", ""))
-    out = [t for t in TIMINGS if same_first or "_eager_" not in t]
-    shared = [n for n in baseline_names([base]) if n in baseline_names([contender])]
-    covered = primary_name(base) if same_first else ""
-    out += [f"{kind}_{n}_us" for n in shared if n != covered for kind in KINDS]
-    return out
-
-
-def changes(base: dict, contender: dict, threshold: float) -> list[Change]:
-    """Every timing both runs logged, judged against the threshold and spreads."""
-    out = []
-    for t in timings(base, contender):
-        if t in base and t in contender:
-            b, c = float(base[t]), float(contender[t])
-            sb, sc = spread(base, t), spread(contender, t)
-            out.append(Change(t, b, c, sb, sc, verdict(b, c, sb, sc, threshold)))
-    return out
-
-
-def latest_by_config(rows: Sequence[dict]) -> dict[tuple[str, ...], dict]:
-    """One row per config identity: the latest run (rows are in the order they ran)."""
-    return {match_key(r): r for r in rows}
-
-
-@dataclass
-class Comparison:
-    """Two sets of config runs matched by identity."""
-
-    base_label: str
-    contender_label: str
-    threshold: float
-    matches: list[Match]
-    only_base: list[dict]
-    only_contender: list[dict]
-
-    @property
-    def regressions(self) -> list[Match]:
-        return [m for m in self.matches if m.status in REGRESSIONS]
-
-    @property
-    def exit_code(self) -> int:
-        """1 when any config regressed (or none matched: nothing was compared), else 0."""
-        return 1 if self.regressions or not self.matches else 0
-
-    def headline(self) -> str:
-        improved = sum(m.status == "improvement" for m in self.matches)
-        incomparable = sum(m.status == NOT_COMPARABLE for m in self.matches)
-        return (
-            f"{len(self.matches)} configs matched, {len(self.regressions)} regressed, "
-            f"{improved} improved, {incomparable} not comparable (regime, throttled or "
-            f"unconverged); {len(self.only_base)} only in base, "
-            f"{len(self.only_contender)} only in contender (threshold {self.threshold:.0%} "
-            "and the p20-p80 spread of both runs)"
-        )
-
-
-def pair(
-    base_rows: Sequence[dict],
-    contender_rows: Sequence[dict],
-    threshold: float = DEFAULT_THRESHOLD,
-    labels: tuple[str, str] = ("base", "contender"),
-    ignore_clocks: bool = False,
-) -> Comparison:
-    """Match configs by identity (the latest run of each per side) and judge every timing;
-    a pair measured in different regimes, or throttled or unconverged, is not comparable
-    unless `ignore_clocks`."""
-    base, contender = latest_by_config(base_rows), latest_by_config(contender_rows)
-    matches = [
-        Match(b, contender[k], changes(b, contender[k], threshold), ignore_clocks)
-        for k, b in base.items()
-        if k in contender
-    ]
-    return Comparison(
-        *labels,
-        threshold,
-        matches,
-        [r for k, r in base.items() if k not in contender],
-        [r for k, r in contender.items() if k not in base],
-    )
-
-
-def sides(
-    base: str | None,
-    contender: str | None,
-    base_where: Sequence[str] = (),
-    contender_where: Sequence[str] = (),
-    where: Sequence[str] = (),
-) -> tuple[query.Selection, query.Selection]:
-    """The two selections of `compare`: each a sweep (run id, latest, all) or, without one,
-    all sweeps narrowed by its own --*-where; `where` narrows both. ValueError if unset."""
-    out = []
-    for name, sweep, own in (("base", base, base_where), ("contender", contender, contender_where)):
-        if not sweep and not own:
-            raise ValueError(
-                f"no {name}: give BASE and CONTENDER sweep run ids, or --base-where and "
-                "--contender-where (e.g. torch=2.10.0 vs torch=2.11.0)"
-            )
-        out.append(query.Selection(sweep or "all", None, (*where, *own)))
-    return out[0], out[1]
-
-
-def compare(
-    base: query.Selection,
-    contender: query.Selection,
-    tracking_uri: str | None = None,
-    experiment: str = "flexbench",
-    threshold: float = DEFAULT_THRESHOLD,
-    ignore_clocks: bool = False,
-) -> Comparison:
-    """`flexbench compare`: read both selections from MLflow and pair them.
-
-    ValueError for bad input; query.NotFound when a side has no runs; TrackingError on server
-    failure.
-    """
-    if threshold < 0:
-        raise ValueError(f"--threshold must be >= 0, got {threshold:.0%}")
-    base_rows, base_label = query.read(base, tracking_uri, experiment)
-    contender_rows, contender_label = query.read(contender, tracking_uri, experiment)
-    labels = (base_label, contender_label)
-    return pair(base_rows, contender_rows, threshold, labels, ignore_clocks)
-
-
-def _timings_present(c: Comparison) -> list[str]:
-    """Timings compared in any match, in the order first compared."""
-    return list(dict.fromkeys(ch.timing for m in c.matches for ch in m.changes))
-
-
-def _ratio_table(c: Comparison, fmt: str) -> str:
-    timings = _timings_present(c)
-    body = []
-    for m in c.matches:
-        ratios = {ch.timing: ch.ratio for ch in m.changes}
-        body.append([m.name, *(ratios.get(t, "") for t in timings), m.detail()])
-    word = baseline_word([m.base for m in c.matches])
-    headers = ["config", *(f"{side_header(t, word)} ratio" for t in timings), "status"]
-    return tabulate(body, headers=headers, tablefmt=fmt, floatfmt=".3f")
-
-
-def _unmatched_table(rows: Sequence[dict], fmt: str) -> str:
-    """Unmatched configs: run name (mod, shape, dtype) plus what the name does not show."""
-    extra = [k for k in ("device", "timer", "dynamic", "max_autotune") if any(k in r for r in rows)]
-    extra += sorted({k for r in rows for k in r if k.startswith("ko_")})
-    body = [
-        [r.get("run_name", ""), *(r.get(k, "") for k in extra), r.get("status", "")] for r in rows
-    ]
-    return tabulate(body, headers=["config", *extra, "status"], tablefmt=fmt)
-
-
-def render_compare(c: Comparison, fmt: str = "table") -> str:
-    """The comparison as a table of per-config ratios (contender/base, above 1 = slower) with
-    unmatched configs listed, as `markdown` for a pull request, or as `json`/`csv`."""
-    if fmt == "json":
-        return to_json(_compare_data(c))
-    if fmt == "csv":
-        return _compare_csv(c)
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    tablefmt = "github"
-    bold = "**" if fmt == "markdown" else ""
-    parts = [
-        f"{bold}flexbench compare{bold}: base {c.base_label} vs contender {c.contender_label}",
-        f"{c.headline()}; ratios are contender/base times (above 1 = slower)",
-        "",
-        _ratio_table(c, tablefmt),
-    ]
-    for title, rows in (("Only in base", c.only_base), ("Only in contender", c.only_contender)):
-        if rows:
-            parts += [
-                "",
-                f"{bold}{title} ({len(rows)}){bold}",
-                "",
-                _unmatched_table(rows, tablefmt),
-            ]
-    return "\n".join(parts) + "\n"
-
-
-def _compare_data(c: Comparison) -> dict:
-    def config(r: dict) -> dict:
-        return {
-            "run_name": r.get("run_name", ""),
-            "run_id": r.get("run_id", ""),
-            **{k: r.get(k, "") for k in MATCH},
-        }
-
-    return {
-        "base": c.base_label,
-        "contender": c.contender_label,
-        "threshold": c.threshold,
-        "regressions": len(c.regressions),
-        "matched": [
-            {
-                **config(m.base),
-                "contender_run_id": m.contender.get("run_id", ""),
-                "status": m.status,
-                "timings": {ch.timing: {**vars(ch), "ratio": ch.ratio} for ch in m.changes},
-            }
-            for m in c.matches
-        ],
-        "only_base": [config(r) for r in c.only_base],
-        "only_contender": [config(r) for r in c.only_contender],
-    }
-
-
-def _compare_csv(c: Comparison) -> str:
-    """One line per (config, timing); unmatched configs with their side and no timings."""
-    keys = [
-        "config",
-        "status",
-        "timing",
-        "base_us",
-        "contender_us",
-        "ratio",
-        "base_spread_us",
-        "contender_spread_us",
-        "verdict",
-    ]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    for m in c.matches:
-        for ch in m.changes or [None]:
-            timing = {**vars(ch), "ratio": ch.ratio} if ch else {}
-            writer.writerow({"config": m.name, "status": m.status, **timing})
-    for side, rows in (("only in base", c.only_base), ("only in contender", c.only_contender)):
-        writer.writerows({"config": r.get("run_name", ""), "status": side} for r in rows)
-    return buf.getvalue()
+    return (*(str(row.get(k, "")) for k in schema.identity_params()), *mod, *options)
 
 
 # --- flexbench tune: default vs best kernel options ------------------------------------------
 
-TUNE_KEY_TAG = "flexbench.tune_key"  # the tuned config's key: its candidates share it
-TUNE_CONFIG_TAG = "flexbench.tune_config"  # the tuned config's run name
-CANDIDATE_TAG = "flexbench.candidate"  # default, max-autotune, or e.g. BLOCK_M=64 BLOCK_N=64
-BEST_TAG = "flexbench.best"  # "true" on the fastest passing candidate of a config
-SKIPPED_TAG = "flexbench.skipped"  # why a candidate was not measured (its run is KILLED)
-DEFAULT_CANDIDATE = "default"
 TUNE_COLUMNS = {  # default_vs_best key -> table header
     "config": "config",
     "baseline_us": "baseline_us",
@@ -871,8 +453,6 @@ def best_row(rows: Sequence[dict]) -> dict | None:
 def tune_groups(rows: Sequence[dict]) -> list[list[dict]]:
     """Candidate rows grouped per tuned config (sweep id, tune key), in order; rows without
     a tune key (plain `run` configs) are left out."""
-    from flexbench.tracking import SWEEP_ID_TAG  # tracking imports report: import late
-
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r.get(TUNE_KEY_TAG):

@@ -12,8 +12,8 @@ from dataclasses import fields
 
 from flexbench import query
 from flexbench.config import KEY_DEFAULTS, BenchConfig
+from flexbench.schema import REPRO_TAG
 
-REPRO_TAG = "flexbench.repro"
 DEFAULT_EXPERIMENT = "flexbench"
 # BenchConfig field -> `flexbench run` option; a field not listed is spelled --field-name.
 FLAGS = {

@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,15 +24,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from flexbench import (
+    artifacts,
     env,
     history,
-    leftovers,
     measure,
     mlflow_view,
     patience,
     precompile,
     report,
     repro,
+    schema,
     tracking,
 )
 from flexbench.config import (
@@ -44,6 +44,7 @@ from flexbench.config import (
     peak_bytes,
     shard,
 )
+from flexbench.record import RunRecord
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Outcome:
     """What a sweep did: its records, counts, and why tracking went offline (if it did)."""
 
     sweep_id: str
-    records: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # journal entries (RunRecord.to_journal)
     skipped: int = 0
     offline: str | None = None
     run_id: str = ""
@@ -78,7 +79,7 @@ class Outcome:
         return 1 if self.failed or self.offline or self.problems else 0
 
     def tables(self) -> str:
-        return report.seed_tables([report.row_from_record(r) for r in self.records])
+        return report.seed_tables([RunRecord.from_journal(r).to_row() for r in self.records])
 
 
 def now_ms() -> int:
@@ -180,7 +181,7 @@ def run_sweep(
     if not configs:
         return _nothing_to_do(out, warn, start)
     out.planned = len(configs)
-    sweep = sweep_entry(
+    sweep = tracking.sweep_entry(
         out.sweep_id, experiment, sweep_params, tags, run_name or f"sweep {out.sweep_id}"
     )
     tracker.start({**sweep, "planned": len(configs)})
@@ -194,9 +195,10 @@ def run_sweep(
             phases[name] = phases.get(name, 0.0) + seconds
         end = now_ms()
         mine = {**tags, repro.REPRO_TAG: repro.command(result.config, experiment)}
-        entry = tracking.result_entry(result.record(), sweep, mine, last[0], end)
+        record = tracking.result_entry(RunRecord.from_result(result), sweep, mine, last[0], end)
         last[0] = end
-        tracker.log_later(entry)
+        tracker.log_later(record)
+        entry = record.to_journal()
         out.records.append(entry)
         warn_offline(tracker, out, warn)
         warn_journal(tracker, out, warn)
@@ -211,8 +213,10 @@ def run_sweep(
     phases["tracking"] += tracker.tracking_s
     out.phases = phase_metrics(phases)
     tracker.finish(
-        out.records,
-        trends=lambda: history.recent_trends(tracker.uri, tracker.exp_id),
+        lambda: artifacts.for_sweep(
+            [RunRecord.from_journal(e) for e in out.records],
+            history.recent_trends(tracker.uri, tracker.exp_id),
+        ),
         metrics=out.phases,
         status="KILLED" if out.interrupted else None,
     )
@@ -332,30 +336,9 @@ def connect(
     if tracker.closed and warn is not None:
         warn(
             f"note: closed {len(tracker.closed)} run(s) that a failed `mlflow run` had left "
-            f"RUNNING ({', '.join(tracker.closed)}) as FAILED, tag {leftovers.REASON_TAG}"
+            f"RUNNING ({', '.join(tracker.closed)}) as FAILED, tag {schema.CLOSED_TAG}"
         )
     return tracker, tags
-
-
-def sweep_entry(
-    sweep_id: str,
-    experiment: str,
-    params: dict[str, str] | None,
-    tags: dict[str, str],
-    run_name: str,
-) -> dict:
-    """The journal's `sweep` entry: what sync needs to (re)create this process's sweep run."""
-    return {
-        "sweep_id": sweep_id,
-        "part_id": uuid.uuid4().hex,  # this process's part of the sweep (shards share sweep_id)
-        "experiment": experiment,
-        "params": params or {},
-        "tags": tags,
-        "run_name": run_name,
-        "start_ms": now_ms(),
-        "host": socket.gethostname(),  # with pid: sync leaves a sweep that still runs alone
-        "pid": os.getpid(),
-    }
 
 
 def warn_offline(

@@ -1,8 +1,9 @@
 """MLflow side: sweep (parent) run, config (child) runs, journal, resume, sync.
 
-Knows nothing of torch: it logs plain records (`Result.record()` plus bookkeeping). Every
-record reaches the local journal before MLflow; a tracking failure turns the `Tracker` offline
-(one warning) and `sync` later uploads what is missing, exactly once per tracking server.
+Knows nothing of torch nor of reports: it logs `RunRecord`s and the finished artifacts the
+sweep hands it (`SweepArtifacts`). Every record reaches the local journal before MLflow; a
+tracking failure turns the `Tracker` offline (one warning) and `sync` later uploads what is
+missing, exactly once per tracking server.
 """
 
 from __future__ import annotations
@@ -19,28 +20,32 @@ import time
 import urllib.parse
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexbench import html_report, leftovers, mlflow_view, patience, report
+from flexbench import leftovers, mlflow_view, patience
+from flexbench.mlflow_search import quote, search_all
+from flexbench.record import CONFIG, RunRecord
+from flexbench.schema import (
+    CONFIG_KEY_TAG,
+    ERROR_TAG,
+    EXPERIMENT_KIND_TAG,
+    KIND_TAG,
+    NOTE_TAG,
+    PARENT_TAG,
+    PART_TAG,
+    RECORD_ID_TAG,
+    SWEEP_ID_TAG,
+)
 
-SWEEP_ID_TAG = "flexbench.sweep_id"
-CONFIG_KEY_TAG = "flexbench.config_key"
-RECORD_ID_TAG = "flexbench.record_id"
-PART_TAG = "flexbench.part_id"  # one per process: shards of a sweep share sweep_id, not part_id
-KIND_TAG = "flexbench.kind"
-ERROR_TAG = "flexbench.error"
-PARENT_TAG = "mlflow.parentRunId"
-NOTE_TAG = "mlflow.note.content"
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+EXPERIMENT_KIND = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 RESUME_MATCH = ("torch", "triton", "gpu")
 DEFAULT_JOURNAL = Path(".flexbench") / "journal.jsonl"
 MLFLOW_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,3}")  # MLflow's random run names: learned-slug-384
 NOTE_MAX_CHARS = 7900  # MLflow rejects tag values over 8000 characters
 SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-PAGE = 1000
 # Error codes that stop a sync (the server is down, busy, or refuses us), never quarantine.
 STOP_CODES = {
     "UNAUTHENTICATED",
@@ -365,24 +370,13 @@ def tag_experiment_kind(client, exp) -> None:
             client.set_experiment_tag(exp.experiment_id, key, value)
 
 
-def search_all(client, experiment_ids: list[str], filter_string: str = "") -> Iterator:
-    """Every run matching the filter, page by page."""
-    token = None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=PAGE, page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
-
-
-def quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def batch(
-    metrics: dict[str, float], params: dict[str, str], tags: dict[str, str], timestamp_ms: int
+def mlflow_entities(
+    metrics: Mapping[str, float],
+    params: Mapping[str, str],
+    tags: Mapping[str, str],
+    timestamp_ms: int,
 ) -> tuple[list, list, list]:
+    """MLflow's Metric, Param and RunTag entities of one log_batch."""
     from mlflow.entities import Metric, Param, RunTag
 
     return (
@@ -392,26 +386,16 @@ def batch(
     )
 
 
-def log_child(client, exp_id: str, parent_id: str, entry: dict) -> str:
+def log_child(client, exp_id: str, parent_id: str, record: RunRecord) -> str:
     """One config's run: create, one log_batch, terminate. Returns its run id.
 
-    Its flexbench.kind is the entry's `kind` (default `config`; `tune` skips are `skipped`)."""
-    tags = {
-        **entry["tags"],
-        PARENT_TAG: parent_id,
-        SWEEP_ID_TAG: entry["sweep_id"],
-        PART_TAG: entry["part_id"],
-        CONFIG_KEY_TAG: entry["config_key"],
-        RECORD_ID_TAG: entry["record_id"],
-        KIND_TAG: entry.get("kind", "config"),
-    }
-    if entry.get("error"):
-        tags[ERROR_TAG] = redact(entry["error"])
-    run = client.create_run(
-        exp_id, start_time=entry["start_ms"], tags=tags, run_name=entry["run_name"]
-    )
+    Its flexbench.kind is the record's `kind` (`config`; tune's skips are `skipped`)."""
+    tags = {**record.logged_tags(), PARENT_TAG: parent_id}
+    if record.error:
+        tags[ERROR_TAG] = redact(record.error)
+    run = client.create_run(exp_id, start_time=record.start_ms, tags=tags, run_name=record.run_name)
     try:
-        complete_child(client, run.info.run_id, entry)
+        complete_child(client, run.info.run_id, record)
     except Exception as exc:
         if refusal(exc):  # refused for good: leave no half-logged run behind
             client.delete_run(run.info.run_id)
@@ -419,32 +403,30 @@ def log_child(client, exp_id: str, parent_id: str, entry: dict) -> str:
     return run.info.run_id
 
 
-def log_child_once(client, exp_id: str, parent_id: str, entry: dict) -> str:
-    """`log_child` that is safe to repeat: a run with the entry's record id (an earlier try
-    the server did not answer in time) is completed, not logged twice."""
-    run = find_run(client, exp_id, RECORD_ID_TAG, entry["record_id"])
+def log_child_once(client, exp_id: str, parent_id: str, record: RunRecord) -> str:
+    """`log_child` that is safe to repeat: a run with the record's id (an earlier try the
+    server did not answer in time) is completed, not logged twice."""
+    run = find_run(client, exp_id, RECORD_ID_TAG, record.record_id)
     if run is None:
-        return log_child(client, exp_id, parent_id, entry)
+        return log_child(client, exp_id, parent_id, record)
     if run.info.status == "RUNNING":
-        complete_child(client, run.info.run_id, entry)
+        complete_child(client, run.info.run_id, record)
     return run.info.run_id
 
 
-def complete_child(client, run_id: str, entry: dict) -> None:
+def complete_child(client, run_id: str, record: RunRecord) -> None:
     """Params and metrics in one log_batch, then the final status (safe to repeat)."""
-    metrics, params, _ = batch(entry["metrics"], entry["params"], {}, entry["end_ms"])
+    metrics, params, _ = mlflow_entities(record.metrics, record.params, {}, record.end_ms)
     client.log_batch(run_id, metrics=metrics, params=params)
-    client.set_terminated(run_id, entry["status"], end_time=entry["end_ms"])
+    client.set_terminated(run_id, record.status, end_time=record.end_ms)
 
 
-def start_nested_run(client, exp_id: str, parent_id: str, run: dict) -> str:
-    """A RUNNING run under `parent_id` (`run`: run_name, tags, params, start_ms), e.g. one
+def start_nested_run(client, exp_id: str, parent_id: str, run: RunRecord) -> str:
+    """A RUNNING run under `parent_id` with the record's name, tags, params and start, e.g. one
     config's tune run under the tune sweep run; `end_run` finishes it. Returns its run id."""
-    tags = {**run["tags"], PARENT_TAG: parent_id}
-    created = client.create_run(
-        exp_id, start_time=run["start_ms"], tags=tags, run_name=run["run_name"]
-    )
-    _, params, _ = batch({}, run["params"], {}, run["start_ms"])
+    tags = {**run.logged_tags(), PARENT_TAG: parent_id}
+    created = client.create_run(exp_id, start_time=run.start_ms, tags=tags, run_name=run.run_name)
+    _, params, _ = mlflow_entities({}, run.params, {}, run.start_ms)
     client.log_batch(created.info.run_id, params=params)
     return created.info.run_id
 
@@ -453,14 +435,14 @@ def end_run(
     client, run_id: str, metrics: dict[str, float], tags: dict[str, str], status: str, end_ms: int
 ) -> None:
     """Metrics and tags in one log_batch, then the final status."""
-    m, _, t = batch(metrics, {}, tags, end_ms)
+    m, _, t = mlflow_entities(metrics, {}, tags, end_ms)
     client.log_batch(run_id, metrics=m, tags=t)
     client.set_terminated(run_id, status, end_time=end_ms)
 
 
 def set_tags(client, run_id: str, tags: dict[str, str]) -> None:
     """Tags on an existing (possibly finished) run, one log_batch."""
-    _, _, t = batch({}, {}, tags, 0)
+    _, _, t = mlflow_entities({}, {}, tags, 0)
     client.log_batch(run_id, tags=t)
 
 
@@ -503,7 +485,7 @@ def start_sweep_run(client, exp_id: str, sweep: dict) -> str:
         if sweep.get("run_id") and MLFLOW_NAME.fullmatch(run.info.run_name or ""):
             client.update_run(run_id, name=sweep["run_name"])  # `sweep <id>`, as on the CLI
     params = {k: v for k, v in sweep["params"].items() if k not in existing}
-    _, p, t = batch({}, params, tags, sweep["start_ms"])
+    _, p, t = mlflow_entities({}, params, tags, sweep["start_ms"])
     client.log_batch(run_id, params=p, tags=t)
     return run_id
 
@@ -516,40 +498,55 @@ def description(markdown: str) -> str:
     return cut + "\n\n*(table truncated: the full summary is the artifact summary.md)*\n"
 
 
+@dataclass(frozen=True)
+class SweepArtifacts:
+    """What a sweep run gets when it ends, finished by the caller (`artifacts.for_sweep`):
+    its aggregate metrics, the summary (markdown: the run description) and its artifact files
+    (name -> text, or bytes for an image)."""
+
+    metrics: dict[str, float]
+    summary: str
+    files: dict[str, str | bytes] = field(default_factory=dict)
+
+
+# Builds a sweep part's artifacts from its records (sync has only the journal's).
+ArtifactBuilder = Callable[[list[RunRecord]], SweepArtifacts]
+
+
 def finish_sweep_run(
     client,
     run_id: str,
-    results: list[dict],
+    artifacts: SweepArtifacts,
     terminate: bool,
     end_ms: int | None = None,
     failed: bool | None = None,
-    trends: Callable[[], dict[str, list[float]]] | None = None,
     extra: dict[str, float] | None = None,
     status: str | None = None,
 ) -> None:
-    """Aggregates (and `extra` metrics, e.g. phase_*_s), summary artifacts (summary.md,
-    results.csv, heatmap.png, report.html with `trends()`' sparklines) and description on the
-    sweep run; it ends `status` if given, else FAILED when `failed` (default: when a config
-    failed), else FINISHED."""
-    rows = [report.row_from_record(r) for r in results]
-    metrics = {**report.sweep_metrics(rows), **(extra or {})}
-    markdown = report.summary_markdown(rows)
+    """The artifacts' metrics (and `extra` metrics, e.g. phase_*_s), files (summary.md,
+    results.csv, heatmap.png, report.html) and description on the sweep run; it ends `status`
+    if given, else FAILED when `failed` (default: when a config failed), else FINISHED."""
+    metrics = {**artifacts.metrics, **(extra or {})}
     end_ms = end_ms or int(time.time() * 1000)
-    m, _, t = batch(metrics, {}, {NOTE_TAG: description(markdown)}, end_ms)
+    m, _, t = mlflow_entities(metrics, {}, {NOTE_TAG: description(artifacts.summary)}, end_ms)
     client.log_batch(run_id, metrics=m, tags=t)
-    client.log_text(run_id, markdown, "summary.md")
-    client.log_text(run_id, report.to_csv(rows), "results.csv")
-    figure = html_report.heatmap_figure(rows)
-    if figure is not None:
-        client.log_figure(run_id, figure, "heatmap.png")
-        report.close(figure)
-    with_env = [{**r.get("tags", {}), **row} for r, row in zip(results, rows)]
-    title = f"flexbench sweep {results[0]['sweep_id']}" if results else "flexbench sweep"
-    client.log_text(run_id, html_report.render(with_env, title, trends and trends()), "report.html")
+    for name, content in artifacts.files.items():
+        log_file(client, run_id, name, content)
     if terminate:
         failed = metrics.get("configs_failed", 0) > 0 if failed is None else failed
         status = status or ("FAILED" if failed else "FINISHED")
         client.set_terminated(run_id, status, end_time=end_ms)
+
+
+def log_file(client, run_id: str, name: str, content: str | bytes) -> None:
+    """One artifact file at the run's artifact root."""
+    if isinstance(content, str):
+        client.log_text(run_id, content, name)
+        return
+    with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(content)
+        client.log_artifact(run_id, str(path))
 
 
 def resume_keys(client, exp_id: str, env: dict[str, str]) -> set[str]:
@@ -565,12 +562,12 @@ def journal_keys(entries: list[dict], experiment: str, env: dict[str, str], targ
     GPU) that is neither synced to `target` nor refused by it: `sync` will upload them."""
     owed = pending(entries, target).todo
     return {
-        e["config_key"]
-        for e in owed
-        if e["status"] == "FINISHED"
-        and e.get("kind", "config") == "config"
-        and e["experiment"] == experiment
-        and all(e["tags"].get(k) == env.get(k) for k in RESUME_MATCH)
+        r.config_key
+        for r in owed
+        if r.ok
+        and r.kind == CONFIG
+        and r.experiment == experiment
+        and all(r.tags.get(k) == env.get(k) for k in RESUME_MATCH)
     }
 
 
@@ -713,28 +710,28 @@ class Tracker:
                 f"({again.strerror or again}) could not be written"
             )
 
-    def log(self, entry: dict, parent: str | None = None) -> str | None:
-        """Journal one result entry (flushed), then log it as a child run of `parent` (default:
-        the sweep run); its run id, or None when offline. `sync` logs it under the sweep run."""
-        self.write(entry)
-        return self._log_marked(entry, parent)
+    def log(self, record: RunRecord, parent: str | None = None) -> str | None:
+        """Journal one result (flushed), then log it as a child run of `parent` (default: the
+        sweep run); its run id, or None when offline. `sync` logs it under the sweep run."""
+        self.write(record.to_journal())
+        return self._log_marked(record, parent)
 
-    def log_later(self, entry: dict) -> None:
-        """Journal one result entry (flushed) now; log it as a child of the sweep run on one
+    def log_later(self, record: RunRecord) -> None:
+        """Journal one result (flushed) now; log it as a child of the sweep run on one
         background thread, so MLflow's round trips overlap the next config's measurement."""
-        self.write(entry)
+        self.write(record.to_journal())
         if self.offline:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=BACKGROUND)
-        self._pending.append(self._pool.submit(self._log_marked, entry))
+        self._pending.append(self._pool.submit(self._log_marked, record))
 
-    def _log_marked(self, entry: dict, parent: str | None = None) -> str | None:
-        """Log a journalled entry as a child run and mark it synced; None when offline."""
-        args = (self.client, self.exp_id, parent or self.run_id, entry)
+    def _log_marked(self, record: RunRecord, parent: str | None = None) -> str | None:
+        """Log a journalled result as a child run and mark it synced; None when offline."""
+        args = (self.client, self.exp_id, parent or self.run_id, record)
         run_id = self._call(log_child, *args, again=log_child_once)
         if run_id:
-            mark = {"record_id": entry["record_id"], "target": target_id(self.uri)}
+            mark = {"record_id": record.record_id, "target": target_id(self.uri)}
             self.write({"type": "synced", **mark, "run_id": run_id})
         return run_id
 
@@ -756,45 +753,71 @@ class Tracker:
 
     def finish(
         self,
-        entries: list[dict],
+        artifacts: Callable[[], SweepArtifacts],
         failed: bool | None = None,
-        trends: Callable[[], dict[str, list[float]]] | None = None,
         metrics: dict | None = None,
         status: str | None = None,
     ) -> None:
-        """Aggregates, `metrics` (journalled for sync) and artifacts on the sweep run (not
-        ended under `mlflow run`); it ends `status` if given, else FAILED when `failed`
-        (default: when a config failed);
-        `trends()`, called once every child run is logged, gives report.html's sparklines."""
+        """`artifacts()` (called once every child run is logged, only while online: it may
+        read the server) and `metrics` (journalled for sync) on the sweep run (not ended under
+        `mlflow run`); it ends `status` if given, else FAILED when `failed` (default: when a
+        config failed)."""
         self.drain()
         if metrics:
             part = self._sweep["part_id"]
             self.write({"type": "sweep_metrics", "part_id": part, "metrics": metrics})
         terminate = not self.under_mlflow_run
-        args = (self.client, self.run_id, entries, terminate, None, failed, trends, metrics)
-        args += (status,)
-        self._call(finish_sweep_run, *args)
+
+        def finish() -> None:
+            args = (self.client, self.run_id, artifacts(), terminate, None, failed, metrics)
+            finish_sweep_run(*args, status)
+
+        self._call(finish)
         if not self.offline:
             mark = {"part_id": self._sweep["part_id"], "target": target_id(self.uri)}
             self.write({"type": "finished", **mark, "run_id": self.run_id})
 
 
 def result_entry(
-    record: dict, sweep: dict, tags: dict[str, str], start_ms: int, end_ms: int
+    record: RunRecord, sweep: dict, tags: dict[str, str], start_ms: int, end_ms: int
+) -> RunRecord:
+    """The record with what sync needs to log it later (record id, sweep, part, experiment,
+    times); its tags are `tags` (environment) and the record's own (kernels, skipped
+    baselines)."""
+    return record.with_run(
+        record_id=uuid.uuid4().hex,
+        sweep_id=sweep["sweep_id"],
+        part_id=sweep["part_id"],
+        experiment=sweep["experiment"],
+        start_ms=start_ms,
+        end_ms=end_ms,
+        tags={**tags, **record.tags},
+    )
+
+
+def sweep_entry(
+    sweep_id: str,
+    experiment: str,
+    params: dict[str, str] | None,
+    tags: dict[str, str],
+    run_name: str,
+    start_ms: int | None = None,
+    part_id: str | None = None,
 ) -> dict:
-    """A journal `result` entry: the record plus what sync needs to log it later; its tags
-    are `tags` (environment) and the record's own (kernels, skipped baselines)."""
-    return {
-        "type": "result",
-        "record_id": uuid.uuid4().hex,
-        "sweep_id": sweep["sweep_id"],
-        "part_id": sweep["part_id"],
-        "experiment": sweep["experiment"],
-        "start_ms": start_ms,
-        "end_ms": end_ms,
-        **record,
-        "tags": {**tags, **record.get("tags", {})},
+    """The journal's `sweep` entry: what sync needs to (re)create this process's sweep run;
+    the host and pid of this process unless `part_id` is given (a part of another process)."""
+    entry = {
+        "sweep_id": sweep_id,
+        "part_id": part_id or uuid.uuid4().hex,  # this process's part (shards share sweep_id)
+        "experiment": experiment,
+        "params": params or {},
+        "tags": tags,
+        "run_name": run_name,
+        "start_ms": int(time.time() * 1000) if start_ms is None else start_ms,
     }
+    if part_id is None:  # with pid: sync leaves a sweep that still runs alone
+        entry.update(host=socket.gethostname(), pid=os.getpid())
+    return entry
 
 
 # --- sync ------------------------------------------------------------------------------------
@@ -815,10 +838,10 @@ class Pending:
     """What a journal still owes one tracking server."""
 
     sweeps: dict[str, dict]  # sweep entries by part id
-    todo: list[dict]  # result entries neither synced nor refused
+    todo: list[RunRecord]  # results neither synced nor refused
     unfinished: set[str]  # part ids whose sweep run was not finished there
     failed: dict[str, str]  # record id (or part id) -> why the server refused it
-    results: list[dict]  # every result entry
+    results: list[RunRecord]  # every result
     extra: dict[str, dict]  # sweep metrics (e.g. phase_*_s) by part id
 
 
@@ -834,17 +857,19 @@ def pending(entries: Iterable[dict], target: str, retry_failed: bool = False) ->
         else {e["record_id"] or e["part_id"]: e["reason"] for e in mine if e["type"] == "failed"}
     )
     sweeps = {e["part_id"]: e for e in entries if e["type"] == "sweep"}
-    results = [e for e in entries if e["type"] == "result"]
-    todo = [e for e in results if e["record_id"] not in done and not _refused(e, failed)]
+    results = [RunRecord.from_journal(e) for e in entries if e["type"] == "result"]
+    todo = [r for r in results if r.record_id not in done and not _refused(r, failed)]
     extra = {e["part_id"]: e["metrics"] for e in entries if e["type"] == "sweep_metrics"}
     return Pending(sweeps, todo, set(sweeps) - finished - set(failed), failed, results, extra)
 
 
-def _refused(entry: dict, failed: dict[str, str]) -> bool:
-    return entry["record_id"] in failed or entry["part_id"] in failed
+def _refused(record: RunRecord, failed: dict[str, str]) -> bool:
+    return record.record_id in failed or record.part_id in failed
 
 
-def sync(journal: Journal, uri: str, retry_failed: bool = False) -> SyncReport:
+def sync(
+    journal: Journal, uri: str, retry_failed: bool = False, *, build: ArtifactBuilder
+) -> SyncReport:
     """Log every journalled result not yet on this server, exactly once; raises TrackingError
     when the server is unreachable or refuses us (auth, permission).
 
@@ -853,7 +878,8 @@ def sync(journal: Journal, uri: str, retry_failed: bool = False) -> SyncReport:
     the server refuses for good is marked failed with the reason and skipped from then on
     (`--status` lists it, `retry_failed` tries again); the rest goes on. A sweep run left
     RUNNING ends FINISHED only when every config of it is recorded, else KILLED. Parts of a
-    sweep still running on this host are left alone.
+    sweep still running on this host are left alone. `build` makes a sweep part's artifacts
+    from its records (`artifacts.for_sweep`; `artifacts.sync` passes it).
     """
     target = target_id(uri)
     todo = pending(journal.entries(), target, retry_failed)
@@ -863,12 +889,12 @@ def sync(journal: Journal, uri: str, retry_failed: bool = False) -> SyncReport:
             client = client_for(uri)
             for part_id in _parts(todo.todo, todo.unfinished):
                 sweep = todo.sweeps.get(part_id) or _orphan_sweep(
-                    next(e for e in todo.results if e["part_id"] == part_id)
+                    next(r for r in todo.results if r.part_id == part_id)
                 )
                 if still_running(sweep):
                     out.running += 1
                     continue
-                _sync_part_or_refuse(client, journal, target, sweep, todo, out)
+                _sync_part_or_refuse(client, journal, target, sweep, todo, out, build)
     except TrackingError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the CLI
@@ -876,9 +902,9 @@ def sync(journal: Journal, uri: str, retry_failed: bool = False) -> SyncReport:
     return out
 
 
-def _parts(todo: list[dict], unfinished: set[str]) -> list[str]:
+def _parts(todo: list[RunRecord], unfinished: set[str]) -> list[str]:
     """Part ids to sync, in journal order: those with pending results, then unfinished ones."""
-    parts = list(dict.fromkeys(e["part_id"] for e in todo))
+    parts = list(dict.fromkeys(r.part_id for r in todo))
     return parts + sorted(unfinished - set(parts))
 
 
@@ -912,7 +938,13 @@ def refusal(exc: BaseException) -> str | None:
 
 
 def _sync_part_or_refuse(
-    client, journal: Journal, target: str, sweep: dict, todo: Pending, out: SyncReport
+    client,
+    journal: Journal,
+    target: str,
+    sweep: dict,
+    todo: Pending,
+    out: SyncReport,
+    build: ArtifactBuilder,
 ) -> None:
     """One sweep part; if the server refuses the part itself (its experiment or sweep run),
     mark the part and its pending results failed and go on."""
@@ -920,52 +952,57 @@ def _sync_part_or_refuse(
     why = names_problem(sweep["experiment"], sweep["run_name"])
     if why is None:
         try:
-            _sync_part(client, journal, target, sweep, todo, out)
+            _sync_part(client, journal, target, sweep, todo, out, build)
             return
         except Exception as exc:  # noqa: BLE001 - classified: refused for good, or stop
             why = refusal(exc)
             if why is None:
                 raise
     journal.mark_failed("", part_id, target, why)
-    out.quarantined += [
-        f"{e['run_name']}: {why}" for e in todo.todo if e["part_id"] == part_id
-    ] or [f"{sweep['run_name']}: {why}"]
+    out.quarantined += [f"{r.run_name}: {why}" for r in todo.todo if r.part_id == part_id] or [
+        f"{sweep['run_name']}: {why}"
+    ]
 
 
 def _sync_part(
-    client, journal: Journal, target: str, sweep: dict, todo: Pending, out: SyncReport
+    client,
+    journal: Journal,
+    target: str,
+    sweep: dict,
+    todo: Pending,
+    out: SyncReport,
+    build: ArtifactBuilder,
 ) -> None:
     """One sweep part: its sweep run, its missing children, then its aggregates (+ `extra`)."""
     exp_id = _sync_experiment(client, sweep)
     parent = start_sweep_run(client, exp_id, sweep)
     out.sweeps += 1
-    mine = [e for e in todo.results if e["part_id"] == sweep["part_id"]]
+    mine = [r for r in todo.results if r.part_id == sweep["part_id"]]
     known = ServerRuns(client, exp_id, sweep["sweep_id"]) if todo.todo else None
-    for entry in (e for e in todo.todo if e["part_id"] == sweep["part_id"]):
+    for record in (r for r in todo.todo if r.part_id == sweep["part_id"]):
         try:
-            run_id = _sync_child(client, exp_id, parent, entry, known, out)
+            run_id = _sync_child(client, exp_id, parent, record, known, out)
         except Exception as exc:  # noqa: BLE001 - classified: refused for good, or stop
             why = refusal(exc)
             if why is None:
                 raise
-            journal.mark_failed(entry["record_id"], entry["part_id"], target, why)
-            out.quarantined.append(f"{entry['run_name']}: {why}")
+            journal.mark_failed(record.record_id, record.part_id, target, why)
+            out.quarantined.append(f"{record.run_name}: {why}")
             continue
-        journal.mark_synced(entry["record_id"], target, run_id)
+        journal.mark_synced(record.record_id, target, run_id)
     if client.get_run(parent).info.status == "RUNNING":  # ended already: its sweep ended it
         status = part_status(sweep, mine)
         extra = todo.extra.get(sweep["part_id"])
-        finish_sweep_run(
-            client, parent, mine, terminate=not sweep.get("run_id"), extra=extra, status=status
-        )
+        terminate = not sweep.get("run_id")
+        finish_sweep_run(client, parent, build(mine), terminate, extra=extra, status=status)
     journal.mark_finished(sweep["part_id"], target, parent)
 
 
-def part_status(sweep: dict, results: list[dict]) -> str | None:
+def part_status(sweep: dict, results: list[RunRecord]) -> str | None:
     """KILLED when the part recorded fewer configs than it planned; else None (FINISHED, or
     FAILED when a config failed)."""
     planned = sweep.get("planned")
-    if planned is not None and len({e["config_key"] for e in results}) < planned:
+    if planned is not None and len({r.config_key for r in results}) < planned:
         return "KILLED"
     return None
 
@@ -987,34 +1024,34 @@ class ServerRuns:
                 self.by_config[key] = (run.info.run_id, run.info.status)
 
     @staticmethod
-    def key(entry: dict) -> tuple:
-        return entry.get("kind", "config"), entry["config_key"], entry["status"]
+    def key(record: RunRecord) -> tuple:
+        return record.kind, record.config_key, record.status
 
-    def find(self, entry: dict) -> tuple[str, str] | None:
+    def find(self, record: RunRecord) -> tuple[str, str] | None:
         """The server's run of this result: same record id, else same config in the sweep."""
-        return self.by_record.get(entry["record_id"]) or self.by_config.get(self.key(entry))
+        return self.by_record.get(record.record_id) or self.by_config.get(self.key(record))
 
-    def add(self, entry: dict, run_id: str) -> None:
-        self.by_record[entry["record_id"]] = self.by_config[self.key(entry)] = (
+    def add(self, record: RunRecord, run_id: str) -> None:
+        self.by_record[record.record_id] = self.by_config[self.key(record)] = (
             run_id,
-            entry["status"],
+            record.status,
         )
 
 
 def _sync_child(
-    client, exp_id: str, parent: str, entry: dict, known: ServerRuns, out: SyncReport
+    client, exp_id: str, parent: str, record: RunRecord, known: ServerRuns, out: SyncReport
 ) -> str:
     """Log one result unless the server has it; complete it if it was left half-logged."""
-    found = known.find(entry)
+    found = known.find(record)
     if found is None:
-        run_id = log_child(client, exp_id, parent, entry)
-        known.add(entry, run_id)
+        run_id = log_child(client, exp_id, parent, record)
+        known.add(record, run_id)
         out.uploaded += 1
         return run_id
     run_id, status = found
     if status == "RUNNING":
-        complete_child(client, run_id, entry)
-        known.add(entry, run_id)
+        complete_child(client, run_id, record)
+        known.add(record, run_id)
         out.uploaded += 1
     else:
         out.already += 1
@@ -1035,18 +1072,19 @@ def _sync_experiment(client, sweep: dict) -> str:
     return experiment_id(client, sweep["experiment"])
 
 
-def _orphan_sweep(entry: dict) -> dict:
+def _orphan_sweep(record: RunRecord) -> dict:
     """A sweep entry for results whose sweep entry is missing from the journal."""
-    return {
-        "sweep_id": entry["sweep_id"],
-        "part_id": entry["part_id"],
-        "experiment": entry["experiment"],
-        "params": {},
-        "tags": entry["tags"],
-        "run_name": f"sweep {entry['sweep_id']}",
-        "start_ms": entry["start_ms"],
-        "run_id": None,
-    }
+    name = f"sweep {record.sweep_id}"
+    entry = sweep_entry(
+        record.sweep_id,
+        record.experiment,
+        {},
+        dict(record.tags),
+        name,
+        record.start_ms,
+        record.part_id,
+    )
+    return {**entry, "run_id": None}
 
 
 @dataclass
@@ -1066,7 +1104,7 @@ def sync_status(journal: Journal) -> list[SyncStatus]:
     out = []
     for target in targets:
         todo = pending(entries, target)
-        names = {e["record_id"]: e["run_name"] for e in todo.results}
+        names = {r.record_id: r.run_name for r in todo.results}
         parts = {k: f"sweep {v['run_name']}" for k, v in todo.sweeps.items()}
         refused = [(names.get(k) or parts.get(k, k), why) for k, why in todo.failed.items()]
         synced = sum(e["type"] == "synced" and e["target"] == target for e in entries)

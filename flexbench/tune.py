@@ -42,8 +42,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flexbench import measure, mods, patience, report, repro, sweep, tracking
+from flexbench import artifacts, measure, mods, patience, report, repro, schema, sweep, tracking
 from flexbench.config import KERNEL_OPTION_TYPES, BenchConfig, with_options
+from flexbench.record import RunRecord
 
 DEFAULT_GRID: dict[str, list] = {
     "BLOCK_M": [32, 64, 128],
@@ -52,9 +53,8 @@ DEFAULT_GRID: dict[str, list] = {
     "num_stages": [1, 2, 3],
 }
 GRID_EXAMPLE = '{"BLOCK_M": [64, 128], "BLOCK_N": [64], "num_warps": [4, 8]}'
-DEFAULT = report.DEFAULT_CANDIDATE
+DEFAULT = schema.DEFAULT_CANDIDATE
 MAX_AUTOTUNE = "max-autotune"
-COMMAND_TAG = "flexbench.command"
 # Skip rules (`skip_reasons`), for flex's Triton forward kernel:
 MIN_BLOCK = 16  # tl.dot's smallest tile; BLOCK_M/BLOCK_N must be powers of two >= this
 MASK_BLOCK = 128  # block size of the BlockMasks measure builds (create_block_mask's default):
@@ -257,10 +257,9 @@ class TuneOutcome:
         return report.tune_table(self.results)
 
 
-def candidate_row(entry: dict) -> dict:
-    """A candidate entry as a report row, with its flexbench tags."""
-    tags = {k: v for k, v in entry["tags"].items() if k.startswith("flexbench.")}
-    return {**report.row_from_record(entry), **tags, tracking.SWEEP_ID_TAG: entry["sweep_id"]}
+def candidate_row(record: RunRecord) -> dict:
+    """A candidate as a report row, with its tags."""
+    return record.to_row()
 
 
 def tune_metrics(result: dict) -> dict[str, float]:
@@ -282,65 +281,58 @@ class Session:
         self.tracker, self.sweep, self.tags, self.out = tracker, sweep_entry, tags, out
         self.tune_run: str | None = None
         self.open = False  # a config's tune run begun and not yet ended
-        self.entries: list[dict] = []
+        self.entries: list[RunRecord] = []
         self.last_ms = sweep_entry["start_ms"]
 
-    def _entry(self, p: Plan, cand: Candidate, record: dict, start_ms: int, end_ms: int) -> dict:
-        record["run_name"] = f"{p.base.run_name()} [{cand.label}]"
+    def _entry(
+        self, p: Plan, cand: Candidate, record: RunRecord, start_ms: int, end_ms: int
+    ) -> RunRecord:
+        record = record.with_run(run_name=f"{p.base.run_name()} [{cand.label}]")
         tags = {
             **self.tags,
-            report.TUNE_KEY_TAG: p.base.config_key(),
-            report.TUNE_CONFIG_TAG: p.base.run_name(),
-            report.CANDIDATE_TAG: cand.label,
+            schema.TUNE_KEY_TAG: p.base.config_key(),
+            schema.TUNE_CONFIG_TAG: p.base.run_name(),
+            schema.CANDIDATE_TAG: cand.label,
         }
         if cand.skipped:
-            tags[report.SKIPPED_TAG] = cand.skipped
+            tags[schema.SKIPPED_TAG] = cand.skipped
         else:
-            tags[repro.REPRO_TAG] = repro.command(cand.config, self.sweep["experiment"])
+            tags[schema.REPRO_TAG] = repro.command(cand.config, self.sweep["experiment"])
         return tracking.result_entry(record, self.sweep, tags, start_ms, end_ms)
 
     def begin(self, p: Plan) -> None:
         """The config's tune run, and its skipped candidates (logged, not journalled)."""
         self.entries, self.open = [], True
-        run = {
-            "run_name": f"tune {p.base.run_name()}",
-            "params": p.base.params(),
-            "start_ms": self.last_ms,  # when this config's first candidate started
-            "tags": {
-                **self.tags,
-                tracking.KIND_TAG: "tune",
-                tracking.SWEEP_ID_TAG: self.out.sweep_id,
-                tracking.PART_TAG: self.sweep["part_id"],
-                tracking.CONFIG_KEY_TAG: p.base.config_key(),
-                report.TUNE_KEY_TAG: p.base.config_key(),
-            },
-        }
+        run = RunRecord(
+            config_key=p.base.config_key(),
+            run_name=f"tune {p.base.run_name()}",
+            params=p.base.params(),
+            tags={**self.tags, schema.TUNE_KEY_TAG: p.base.config_key()},
+            kind="tune",
+            sweep_id=self.out.sweep_id,
+            part_id=self.sweep["part_id"],
+            start_ms=self.last_ms,  # when this config's first candidate started
+        )
         t = self.tracker
         self.tune_run = t.call(tracking.start_nested_run, t.client, t.exp_id, t.run_id, run)
         for cand in p.skipped:
-            record = {
-                "config_key": cand.config.config_key(),
-                "run_name": "",
-                "params": cand.config.params(),
-                "metrics": {},
-                "status": "KILLED",
-                "error": None,
-            }
+            config = cand.config
+            record = RunRecord(config.config_key(), "", config.params(), status="KILLED")
             entry = self._entry(p, cand, record, self.last_ms, self.last_ms)
-            entry["kind"] = "skipped"
+            entry = entry.with_run(kind="skipped")
             if self.tune_run:
                 t.call(tracking.log_child, t.client, t.exp_id, self.tune_run, entry)
-            self.out.skipped.append(entry)
+            self.out.skipped.append(entry.to_journal())
             self.entries.append(entry)
 
     def log(self, p: Plan, cand: Candidate, result: measure.Result) -> None:
         """One measured candidate: journalled, then logged under the tune run."""
         end = sweep.now_ms()
-        entry = self._entry(p, cand, result.record(), self.last_ms, end)
+        record = self._entry(p, cand, RunRecord.from_result(result), self.last_ms, end)
         self.last_ms = end
-        entry["run_id"] = self.tracker.log(entry, self.tune_run) or ""
-        self.out.records.append(entry)
-        self.entries.append(entry)
+        record = record.with_run(run_id=self.tracker.log(record, self.tune_run) or "")
+        self.out.records.append(record.to_journal())
+        self.entries.append(record)
 
     def stop(self) -> None:
         """Stopped mid-config: its tune run ends KILLED (its candidates so far are logged)."""
@@ -351,18 +343,18 @@ class Session:
     def end(self, p: Plan) -> None:
         """Default vs best: the best tag, and the tune run's metrics."""
         self.open = False
-        rows = [{**candidate_row(e), "run_id": e.get("run_id", "")} for e in self.entries]
+        rows = [candidate_row(e) for e in self.entries]
         (result,) = report.default_vs_best(rows)
         self.out.results.append(result)
         t = self.tracker
         if result["best_run_id"]:
-            t.call(tracking.set_tags, t.client, result["best_run_id"], {report.BEST_TAG: "true"})
+            t.call(tracking.set_tags, t.client, result["best_run_id"], {schema.BEST_TAG: "true"})
         if not self.tune_run:
             return
-        tags = {"flexbench.best_candidate": result["best"] or ""}
-        tags["flexbench.best_run_id"] = result["best_run_id"]
+        tags = {schema.BEST_CANDIDATE_TAG: result["best"] or ""}
+        tags[schema.BEST_RUN_ID_TAG] = result["best_run_id"]
         if result["best_us"] is None:
-            tags[tracking.ERROR_TAG] = "no candidate passed"
+            tags[schema.ERROR_TAG] = "no candidate passed"
         status = "FINISHED" if result["best_us"] is not None else "FAILED"
         end = sweep.now_ms()
         t.call(tracking.end_run, t.client, self.tune_run, tune_metrics(result), tags, status, end)
@@ -395,11 +387,11 @@ def tune_sweep(
     device = plans[0].base.device if plans else "cpu"
     tracker, tags = sweep.connect(experiment, tracking_uri, journal, device, tracking_timeout, warn)
     out = TuneOutcome(sweep.new_sweep_id(), journal=str(tracker.journal.path))
-    entry = sweep.sweep_entry(
+    entry = tracking.sweep_entry(
         out.sweep_id,
         experiment,
         sweep_params,
-        {**tags, COMMAND_TAG: "tune"},
+        {**tags, schema.COMMAND_TAG: "tune"},
         run_name or f"tune {out.sweep_id}",
     )
     tracker.start(entry)
@@ -422,7 +414,8 @@ def tune_sweep(
     if out.interrupted:
         session.stop()
     status = "KILLED" if out.interrupted else None
-    tracker.finish(out.records, failed=out.unsolved, status=status)
+    records = [RunRecord.from_journal(e) for e in out.records]
+    tracker.finish(lambda: artifacts.for_sweep(records), failed=out.unsolved, status=status)
     if not tracker.offline and tracker.run_id:
         tracker.call(tracker.client.log_text, tracker.run_id, tune_markdown(out), "tune.md")
     _warn_offline(tracker, out, warn)

@@ -15,8 +15,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flexbench import baselines, kernels, measure, query, report, sweep
+from flexbench import baselines, compare, kernels, measure, query, report, schema, sweep
 from flexbench.config import BenchConfig
+from flexbench.record import RunRecord
 from tests.test_report import flexbench, log_sweep, record_of
 
 CPU = dict(batch=1, heads=2, head_dim=16, device="cpu")
@@ -62,12 +63,13 @@ def test_first_baseline_fills_the_seeds_names(swept):
 def test_cuda_only_baseline_on_cpu_is_skipped_with_the_reason(swept):
     r = swept["causal"]
     assert r["status"] == "FINISHED"
-    assert r["tags"][measure.SKIPPED_TAG] == "sdpa_cudnn: needs CUDA (this config runs on cpu)"
+    skipped = r["tags"][schema.BASELINE_SKIPPED_TAG]
+    assert skipped == "sdpa_cudnn: needs CUDA (this config runs on cpu)"
 
 
 def test_sdpa_cannot_compute_softcap_so_eager_math_is_first(swept):
     r = swept["softcap:30"]
-    skipped = report.tag_entries(report.row_from_record(r), measure.SKIPPED_TAG)
+    skipped = report.tag_entries(RunRecord.from_journal(r).to_row(), schema.BASELINE_SKIPPED_TAG)
     assert set(skipped) == {"sdpa", "sdpa_math", "sdpa_cudnn"}
     assert skipped["sdpa"].startswith("SDPA cannot compute this mod")
     m = r["metrics"]
@@ -143,7 +145,7 @@ def test_compare_matches_baselines_by_name(mlflow_server, swept):
     base = log_sweep(mlflow_server.uri, "baselines-compare", real, tags, "base")
     slow = log_sweep(mlflow_server.uri, "baselines-compare",
                      [_slower(r, "eager_math", 1.5) for r in real], tags, "eager_math slower")
-    result = report.compare(query.Selection(base), query.Selection(slow), mlflow_server.uri)
+    result = compare.compare(query.Selection(base), query.Selection(slow), mlflow_server.uri)
     by_name = {m.base["score_mod"]: m for m in result.matches}
     causal = {c.timing: c for c in by_name["causal"].changes}
     assert causal["fwd_eager_math_us"].verdict == "regression"
@@ -156,7 +158,7 @@ def test_compare_matches_baselines_by_name(mlflow_server, swept):
 
 
 def test_one_config_table_still_names_the_baselines_family(swept):
-    text = report.results_table([report.row_from_record(swept["softcap:30"])])
+    text = report.results_table([RunRecord.from_journal(swept["softcap:30"]).to_row()])
     header = text.splitlines()[0]
     assert "| baseline " in header and "fwd_eager_math_us" in header  # the side named
     assert "eager_math [math]" in text.splitlines()[2]
@@ -170,11 +172,11 @@ def test_timing_conditions_name_the_first_baseline_once():
 
 
 def test_compare_never_pairs_different_first_baselines(swept):
-    base = report.row_from_record(swept["causal"])
+    base = RunRecord.from_journal(swept["causal"]).to_row()
     other = copy.deepcopy(base)
     other["baseline"], other["baselines"] = "eager_math", "eager_math,sdpa"
     other["fwd_eager_us"] = other["fwd_eager_math_us"]
-    names = [c.timing for c in report.changes(base, other, 0.05)]
+    names = [c.timing for c in compare.changes(base, other, 0.05)]
     assert "fwd_eager_us" not in names and {"fwd_sdpa_us", "fwd_eager_math_us"} <= set(names)
 
 

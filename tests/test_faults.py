@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flexbench import sweep, tracking
+from flexbench import artifacts, sweep, tracking
 from flexbench.cli import main
 from tests.test_tracking import children, dead_uri, runs_of_kind, tiny
 
@@ -186,7 +186,7 @@ def test_offline_then_resume_online_then_sync_gives_each_config_once(mlflow_serv
     )
     assert second.skipped == 1 and [r["params"]["score_mod"] for r in second.records] == ["causal"]
     assert any("skipped 1 of 2" in w and "journal" in w for w in warnings)
-    report = tracking.sync(tracking.Journal(journal), mlflow_server.uri)
+    report = artifacts.sync(tracking.Journal(journal), mlflow_server.uri)
     assert report.uploaded == 1
     client = MlflowClient(mlflow_server.uri)
     assert config_keys(client, experiment) == sorted(c.config_key() for c in tiny("noop", "causal"))
@@ -228,8 +228,8 @@ def test_killed_between_journal_and_log_then_resume_and_sync_once(offline, mlflo
         warn=lambda m: None,
     )
     assert out.skipped == 1 and [r["params"]["score_mod"] for r in out.records] == ["causal"]
-    first = tracking.sync(journal, mlflow_server.uri)
-    again = tracking.sync(journal, mlflow_server.uri)
+    first = artifacts.sync(journal, mlflow_server.uri)
+    again = artifacts.sync(journal, mlflow_server.uri)
     assert (first.uploaded, again.uploaded, again.already) == (1, 0, 0)
     client = MlflowClient(mlflow_server.uri)
     assert config_keys(client, experiment) == sorted(c.config_key() for c in tiny("noop", "causal"))
@@ -244,7 +244,7 @@ def test_sync_finds_a_result_logged_under_another_record_id(offline, mlflow_serv
     sweep_e, result_e = another_part(offline, experiment)
     for entry in (sweep_e, result_e, {**result_e, "record_id": uuid.uuid4().hex}):
         journal.append(entry)
-    report = tracking.sync(journal, mlflow_server.uri)
+    report = artifacts.sync(journal, mlflow_server.uri)
     assert (report.uploaded, report.already) == (1, 1)
     assert len(config_keys(MlflowClient(mlflow_server.uri), experiment)) == 1
 
@@ -287,7 +287,7 @@ def test_journal_failing_mid_sweep_loses_nothing(mlflow_server, tmp_path, monkey
     kept = [e["type"] for e in tracking.Journal(fallback).entries()]
     assert kept.count("sweep") == 1 and kept.count("result") == 1
     for path in (real, fallback):  # nothing left to upload, nothing doubled
-        report = tracking.sync(tracking.Journal(path), mlflow_server.uri)
+        report = artifacts.sync(tracking.Journal(path), mlflow_server.uri)
         assert report.uploaded == 0
     assert len(children(client, out.run_id)) == 2
 

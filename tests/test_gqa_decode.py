@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from flexbench import flops, measure, mods
 from flexbench.cli import cli, main
 from flexbench.config import BenchConfig, with_options
+from flexbench.record import RunRecord
 
 CPU = dict(batch=1, heads=4, kv_heads=2, head_dim=16, dtype="float32", device="cpu")
 Q_LEN, KV_LEN = 64, 320  # one 128-block of queries against three of keys
@@ -117,9 +118,9 @@ def test_flops_count_query_heads_q_times_kv_and_sparsity(results, key, sparsity)
 
 
 def test_run_name_and_params_show_kv_heads_and_kv_len(results):
-    record = results["causal"].record()
-    assert record["run_name"] == "causal b1 h4 kvh2 s64 kv320 d16 fp32"
-    p = record["params"]
+    record = RunRecord.from_result(results["causal"])
+    assert record.run_name == "causal b1 h4 kvh2 s64 kv320 d16 fp32"
+    p = record.params
     assert (p["shape"], p["heads"], p["kv_heads"], p["q_len"], p["kv_len"]) == (
         "1,4,64,16",
         "4",
@@ -127,7 +128,8 @@ def test_run_name_and_params_show_kv_heads_and_kv_len(results):
         "64",
         "320",
     )
-    assert results["decode"].record()["run_name"] == "causal b1 h4 kvh2 s1 kv512 d16 fp32"
+    decode = RunRecord.from_result(results["decode"])
+    assert decode.run_name == "causal b1 h4 kvh2 s1 kv512 d16 fp32"
 
 
 def test_decode_reports_kv_bandwidth(results):

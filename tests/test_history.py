@@ -12,6 +12,7 @@ import pytest
 
 from flexbench import history, tracking
 from flexbench.config import BenchConfig
+from flexbench.record import RunRecord
 from tests.test_report import flexbench
 
 DAY_MS = 86_400_000
@@ -120,7 +121,9 @@ def log_sweep(
     }
     parent = tracking.start_sweep_run(client, exp_id, entry)
     for i, c in enumerate(configs):
-        result = tracking.result_entry(record(c, sweep), entry, env, start + i, start + i + 1)
+        result = tracking.result_entry(
+            RunRecord(**record(c, sweep)), entry, env, start + i, start + i + 1
+        )
         tracking.log_child(client, exp_id, parent, result)
 
 

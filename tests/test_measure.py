@@ -14,6 +14,7 @@ import torch
 
 from flexbench import flops, measure, stats, timing
 from flexbench.config import BenchConfig, with_options
+from flexbench.record import RunRecord
 
 CPU = dict(batch=1, heads=2, head_dim=16, dtype="float32", device="cpu")
 CAUSAL = BenchConfig(q_len=256, score_mod="causal", **CPU)  # 2×2 blocks, 1 skipped
@@ -59,8 +60,8 @@ def test_failing_config_is_one_line_and_the_sweep_goes_on(sweep):
     assert "\n" not in failed.error and len(failed.error) <= 300
     assert "boom from a user score_mod" in failed.error  # the user's own message survives
     assert not any(k.startswith("fwd_") for k in failed.metrics)
-    record = failed.record()
-    assert record["status"] == "FAILED" and record["error"] == failed.error
+    record = RunRecord.from_result(failed)
+    assert record.status == "FAILED" and record.error == failed.error
     assert after.ok and after.metrics["fwd_speedup"] > 0
 
 
@@ -81,11 +82,11 @@ def test_contract_metrics_of_a_passing_config(sweep):
     assert not any(k.startswith("bwd_") for k in m) and "peak_mem_mb" not in m  # CPU, fwd
     assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
     assert r.baseline == "sdpa_is_causal"
-    record = r.record()
-    assert record["status"] == "FINISHED" and record["error"] is None
-    assert record["config_key"] == CAUSAL.config_key()
-    assert record["run_name"] == "causal b1 h2 s256 d16 fp32"
-    assert record["params"] == {**CAUSAL.params(), "baseline": "sdpa_is_causal"}
+    record = RunRecord.from_result(r)
+    assert record.status == "FINISHED" and record.error == ""
+    assert record.config_key == CAUSAL.config_key()
+    assert record.run_name == "causal b1 h2 s256 d16 fp32"
+    assert record.params == {**CAUSAL.params(), "baseline": "sdpa_is_causal"}
 
 
 def test_decode_gqa_config_reports_bandwidth(sweep):
@@ -109,7 +110,7 @@ def test_a_user_mask_factory_is_block_sparse_with_an_sdpa_baseline(sweep):
     assert r.ok and r.baseline == "sdpa_attn_mask"
     assert r.metrics["sparsity"] == pytest.approx(0.5)  # the 2 off-diagonal blocks skipped
     assert r.metrics["max_abs_err"] < 1e-4 and r.metrics["fwd_speedup"] > 0
-    params = r.record()["params"]
+    params = RunRecord.from_result(r).params
     assert params["score_mod"] == "tests.user_mods:generate_doc_mask(256, 2)"
     assert params["mod_sha"] == DOCS.mod_sha and len(DOCS.mod_sha) == 12
 

@@ -98,11 +98,11 @@ def test_mlflow_run_is_the_sweep_run_holding_the_config_runs(mlflow_run):
 def test_conda_run_left_running_is_closed_by_the_local_run(mlflow_run):
     """`mlflow run .` without conda leaves its run RUNNING; the `--env-manager local` run
     that follows (flexbench inside a live `mlflow run`) closes it."""
-    from flexbench import leftovers
+    from flexbench import schema
 
     assert "Could not find Conda executable" in mlflow_run["failed"].stderr
     (left,) = mlflow_run["left"]
-    assert left.info.status == "FAILED" and leftovers.REASON_TAG in left.data.tags
+    assert left.info.status == "FAILED" and schema.CLOSED_TAG in left.data.tags
     note = f"note: closed 1 run(s) that a failed `mlflow run` had left RUNNING ({left.info.run_id})"
     assert note in mlflow_run["proc"].stderr
 
@@ -192,7 +192,7 @@ def mlflow_run_with_entry_point(run_id: str) -> subprocess.Popen:
 def test_run_left_by_failed_mlflow_run_is_closed_and_live_ones_are_not(mlflow_server, tmp_path):
     import getpass
 
-    from flexbench import leftovers, sweep
+    from flexbench import leftovers, schema, sweep
 
     experiment = f"leftover-{uuid.uuid4().hex[:8]}"
     client = MlflowClient(mlflow_server.uri)
@@ -223,8 +223,8 @@ def test_run_left_by_failed_mlflow_run_is_closed_and_live_ones_are_not(mlflow_se
             proc.wait()
     assert status == {left.info.run_id: "FAILED", young: "RUNNING", entry: "RUNNING"}
     closed = client.get_run(left.info.run_id)
-    assert "--env-manager local" in closed.data.tags[leftovers.REASON_TAG]
+    assert "--env-manager local" in closed.data.tags[schema.CLOSED_TAG]
     assert notes == [
         f"note: closed 1 run(s) that a failed `mlflow run` had left RUNNING "
-        f"({left.info.run_id}) as FAILED, tag {leftovers.REASON_TAG}"
+        f"({left.info.run_id}) as FAILED, tag {schema.CLOSED_TAG}"
     ]

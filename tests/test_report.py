@@ -20,8 +20,20 @@ from dataclasses import replace
 
 import pytest
 
-from flexbench import cli, history, query, report, repro, sweep, tracking
+from flexbench import (
+    artifacts,
+    cli,
+    compare,
+    history,
+    query,
+    report,
+    repro,
+    summary,
+    sweep,
+    tracking,
+)
 from flexbench.config import BenchConfig, expand_sweep
+from flexbench.record import RunRecord
 from tests.servers import free_port
 
 OLD_TORCH = "2.10.0"
@@ -43,7 +55,7 @@ def flexbench(capsys: pytest.CaptureFixture, command: str) -> tuple[int, str, st
 
 
 def record_of(entry: dict) -> dict:
-    """The measured record inside a journal entry (what `measure.Result.record()` gave)."""
+    """The measured record inside a journal entry (what `RunRecord.from_result` gave)."""
     keys = ("config_key", "run_name", "params", "metrics", "status", "error")
     return copy.deepcopy({k: entry[k] for k in keys})
 
@@ -105,10 +117,12 @@ def log_sweep(
         "run_id": None,
     }
     parent = tracking.start_sweep_run(client, exp_id, sweep_entry)
-    entries = [tracking.result_entry(r, sweep_entry, tags, now, now + 1) for r in records]
+    entries = [
+        tracking.result_entry(RunRecord(**r), sweep_entry, tags, now, now + 1) for r in records
+    ]
     for entry in entries:
         tracking.log_child(client, exp_id, parent, entry)
-    tracking.finish_sweep_run(client, parent, entries, terminate=True)
+    tracking.finish_sweep_run(client, parent, artifacts.for_sweep(entries), terminate=True)
     return parent
 
 
@@ -182,13 +196,13 @@ def test_where_rejects_bad_clauses_naming_them(where, named):
 
 def test_verdict_needs_both_threshold_and_spread():
     # +20% with 2 µs spreads: beyond 5% and beyond the spread.
-    assert report.verdict(100.0, 120.0, 2.0, 2.4, 0.05) == "regression"
+    assert compare.verdict(100.0, 120.0, 2.0, 2.4, 0.05) == "regression"
     # +4%: under the threshold.
-    assert report.verdict(100.0, 104.0, 0.5, 0.5, 0.05) == ""
+    assert compare.verdict(100.0, 104.0, 0.5, 0.5, 0.05) == ""
     # +20% but the contender's p20-p80 spans 30 µs: within the noise.
-    assert report.verdict(100.0, 120.0, 10.0, 30.0, 0.05) == ""
+    assert compare.verdict(100.0, 120.0, 10.0, 30.0, 0.05) == ""
     # -20%, tight: an improvement.
-    assert report.verdict(100.0, 80.0, 1.0, 1.0, 0.05) == "improvement"
+    assert compare.verdict(100.0, 80.0, 1.0, 1.0, 0.05) == "improvement"
 
 
 def test_pair_counts_a_config_that_now_fails_as_a_regression():
@@ -201,10 +215,10 @@ def test_pair_counts_a_config_that_now_fails_as_a_regression():
     }
     failed = {**base, "status": "FAILED", "error": "OutOfMemoryError: boom", "torch": "2.11.0"}
     del failed["fwd_compiled_us"]
-    result = report.pair([base], [failed])
+    result = compare.pair([base], [failed])
     assert [m.status for m in result.matches] == ["now fails"]  # environment is not identity
     assert result.exit_code == 1 and "OutOfMemoryError" in result.matches[0].detail()
-    assert report.pair([failed], [base]).exit_code == 0  # now passes
+    assert compare.pair([failed], [base]).exit_code == 0  # now passes
 
 
 def test_table_keeps_fractional_speedups():
@@ -301,7 +315,7 @@ def test_summary_markdown_and_csv(mlflow_server, measured, capsys):
 
 
 def test_summary_defaults_to_latest_sweep(mlflow_server, two_sweeps):
-    result = report.summary(mlflow_server.uri, "summary")
+    result = summary.summary(mlflow_server.uri, "summary")
     assert {r["torch"] for r in result.rows} == {OLD_TORCH}
     assert {r["sweep_run_id"] for r in result.rows} == {two_sweeps["old"]}
     assert result.source.startswith("latest sweep")
@@ -309,15 +323,15 @@ def test_summary_defaults_to_latest_sweep(mlflow_server, two_sweeps):
 
 def test_filters_across_two_sweeps(mlflow_server, two_sweeps):
     uri = mlflow_server.uri
-    new = report.summary(uri, "summary", "all", [f"torch={two_sweeps['torch']}"])
+    new = summary.summary(uri, "summary", "all", [f"torch={two_sweeps['torch']}"])
     assert {r["sweep_run_id"] for r in new.rows} == {two_sweeps["real"]}
-    causal = report.summary(uri, "summary", "all", ["score_mod=causal,dtype=float32"])
+    causal = summary.summary(uri, "summary", "all", ["score_mod=causal,dtype=float32"])
     assert len(causal.rows) == 2
     assert {r["torch"] for r in causal.rows} == {two_sweeps["torch"], OLD_TORCH}
     assert all(r["score_mod"] == "causal" for r in causal.rows)
-    table = report.render_summary(causal, "table")
+    table = summary.render_summary(causal, "table")
     assert "torch" in table.splitlines()[2]  # torch differs between rows: it gets a column
-    narrowed = report.summary(uri, "summary", "all", [f"torch={OLD_TORCH}", "score_mod=noop"])
+    narrowed = summary.summary(uri, "summary", "all", [f"torch={OLD_TORCH}", "score_mod=noop"])
     assert [r["sweep_run_id"] for r in narrowed.rows] == [two_sweeps["old"]]
 
 
@@ -329,9 +343,9 @@ def test_summary_by_sweep_id_unites_shards(mlflow_server, measured):
         log_sweep(mlflow_server.uri, "shards", [rec], tags, f"shard {i}", sweep_id=shared)
         for i, rec in enumerate(records)
     ]
-    result = report.summary(mlflow_server.uri, "shards", sweep_id=shared)
+    result = summary.summary(mlflow_server.uri, "shards", sweep_id=shared)
     assert {r["sweep_run_id"] for r in result.rows} == set(shards)
-    latest = report.summary(mlflow_server.uri, "shards")
+    latest = summary.summary(mlflow_server.uri, "shards")
     assert len(latest.rows) == len(records)
 
 
@@ -387,17 +401,17 @@ def test_compare_calls_other_regimes_and_throttled_runs_not_comparable():
     base = {"run_name": "causal", "status": "FINISHED", "regime": "burst",
             "fwd_compiled_us": 100.0, "fwd_compiled_sm_mhz": 1980.0}
     slow = {**base, "fwd_compiled_us": 150.0}
-    assert report.pair([base], [slow]).matches[0].status == "regression"
+    assert compare.pair([base], [slow]).matches[0].status == "regression"
     for contender, why in [({**slow, "regime": "sustained"}, "regime burst vs sustained"),
                            ({**slow, "fwd_compiled_throttled": 1.0, "fwd_compiled_sm_mhz": 1695.0},
                             "contender: fwd_flex throttled (1695 MHz)"),
                            ({**slow, "fwd_compiled_unconverged": 1.0,
                              "fwd_compiled_noise_pct": 1.5},
                             "contender: fwd_flex unconverged (noise 1.50%)")]:
-        c = report.pair([base], [contender])
+        c = compare.pair([base], [contender])
         assert c.matches[0].status == "not comparable" and c.exit_code == 0
         assert why in c.matches[0].detail() and "1 not comparable" in c.headline()
-        assert report.pair([base], [contender], ignore_clocks=True).exit_code == 1
+        assert compare.pair([base], [contender], ignore_clocks=True).exit_code == 1
 
 
 def test_summary_lists_throttled_and_unconverged_series():
@@ -443,14 +457,14 @@ def test_compare_identical_data_passes(mlflow_server, compared, capsys):
 
 
 def test_compare_ignores_a_slowdown_within_the_spread(mlflow_server, compared):
-    result = report.compare(
+    result = compare.compare(
         query.Selection(compared["noisy"]),
         query.Selection(compared["noisy_slow"]),
         mlflow_server.uri,
     )
     assert [m.status for m in result.matches] == ["unchanged", "unchanged"]
     assert result.exit_code == 0
-    strict = report.compare(
+    strict = compare.compare(
         query.Selection(compared["base"]),
         query.Selection(compared["slow"]),
         mlflow_server.uri,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flexbench import sweep, tracking
+from flexbench import artifacts, sweep, tracking
 from flexbench.config import BenchConfig, expand_sweep
 from tests.servers import MlflowServer, SlowProxy, free_port
 
@@ -312,8 +312,8 @@ def test_server_lost_mid_sweep_then_sync_twice(tmp_path):
         assert synced_live <= 1
 
         server.start()
-        first = tracking.sync(journal, server.uri)
-        second = tracking.sync(journal, server.uri)
+        first = artifacts.sync(journal, server.uri)
+        second = artifacts.sync(journal, server.uri)
         assert first.uploaded + first.already == 2 - synced_live and first.sweeps == 1
         assert (second.uploaded, second.already, second.sweeps) == (0, 0, 0)
         assert len(runs_of_kind(client, "mid-sweep", "config")) == 2
@@ -343,8 +343,8 @@ def test_unreachable_from_the_start_then_sync(mlflow_server, monkeypatch, capfd)
     assert leaks([*texts, *capfd.readouterr()]) == []
 
     journal = tracking.Journal(out.journal)
-    first = tracking.sync(journal, mlflow_server.uri)
-    second = tracking.sync(journal, mlflow_server.uri)
+    first = artifacts.sync(journal, mlflow_server.uri)
+    second = artifacts.sync(journal, mlflow_server.uri)
     assert (first.uploaded, first.sweeps) == (2, 1)
     assert (second.uploaded, second.already, second.sweeps) == (0, 0, 0)
     client = MlflowClient(mlflow_server.uri)
@@ -407,7 +407,7 @@ def test_sync_completes_a_half_logged_child_and_an_unfinished_sweep_run(mlflow_s
         },
     ).info.run_id
 
-    first = tracking.sync(journal, mlflow_server.uri)
+    first = artifacts.sync(journal, mlflow_server.uri)
     assert (first.uploaded, first.already) == (1, 0)
     assert [r.info.run_id for r in children(client, parent)] == [half]
     child = client.get_run(half)
@@ -417,7 +417,7 @@ def test_sync_completes_a_half_logged_child_and_an_unfinished_sweep_run(mlflow_s
     lines = journal.path.read_text().splitlines()
     journal.path.write_text("".join(x + "\n" for x in lines if '"finished"' not in x))
     client.update_run(parent, status="RUNNING")
-    again = tracking.sync(journal, mlflow_server.uri)
+    again = artifacts.sync(journal, mlflow_server.uri)
     assert (again.uploaded, again.already, again.sweeps) == (0, 0, 1)
     assert client.get_run(parent).info.status == "FINISHED"
     assert len(children(client, parent)) == 1

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from flexbench import query, report, tracking, tune
+from flexbench import artifacts, query, report, schema, tracking, tune
 from flexbench.cli import cli, main
 from flexbench.config import BenchConfig
 
@@ -177,9 +177,9 @@ def row(
     **extra,
 ) -> dict:
     r = {
-        report.TUNE_KEY_TAG: key,
-        report.TUNE_CONFIG_TAG: f"cfg {key}",
-        report.CANDIDATE_TAG: candidate,
+        schema.TUNE_KEY_TAG: key,
+        schema.TUNE_CONFIG_TAG: f"cfg {key}",
+        schema.CANDIDATE_TAG: candidate,
         "status": status,
         "flexbench.sweep_id": "s1",
         **extra,
@@ -198,7 +198,7 @@ def test_default_vs_best_picks_the_fastest_passing_candidate():
         row("A", 80.0, run_id="ra"),
         row("B", 80.0),  # a tie: the earlier candidate wins
         row("C", 10.0, status="FAILED"),  # failed its check: never the best
-        row("D", None, status="KILLED", **{report.SKIPPED_TAG: "too long"}),
+        row("D", None, status="KILLED", **{schema.SKIPPED_TAG: "too long"}),
         {"fwd_compiled_us": 1.0, "status": "FINISHED"},  # a plain `run` config: ignored
     ]
     (r,) = report.default_vs_best(rows)
@@ -282,7 +282,7 @@ def test_tune_run_tree(tuned):
     (sweep_run,) = kind(tuned, "sweep")
     (tune_run,) = kind(tuned, "tune")
     measured, skipped = kind(tuned, "config"), kind(tuned, "skipped")
-    assert sweep_run.data.tags[tune.COMMAND_TAG] == "tune"
+    assert sweep_run.data.tags[schema.COMMAND_TAG] == "tune"
     assert sweep_run.data.params["candidates"] == "6"
     assert json.loads(sweep_run.data.params["grid"]) == GRID
     assert tune_run.data.tags[tracking.PARENT_TAG] == sweep_run.info.run_id
@@ -291,16 +291,16 @@ def test_tune_run_tree(tuned):
     assert len(measured) == 3 and len(skipped) == 3
     for r in measured + skipped:
         assert r.data.tags[tracking.PARENT_TAG] == tune_run.info.run_id
-        assert r.data.tags[report.TUNE_KEY_TAG] == tune_run.data.tags[report.TUNE_KEY_TAG]
+        assert r.data.tags[schema.TUNE_KEY_TAG] == tune_run.data.tags[schema.TUNE_KEY_TAG]
     assert tuned["out"].run_id == sweep_run.info.run_id and tuned["out"].exit_code == 0
 
 
 def test_candidates_are_checked_config_runs_with_their_options(tuned):
-    by_label = {r.data.tags[report.CANDIDATE_TAG]: r for r in kind(tuned, "config")}
+    by_label = {r.data.tags[schema.CANDIDATE_TAG]: r for r in kind(tuned, "config")}
     assert set(by_label) == {"default", "max-autotune", GRID_POINT}
     for r in by_label.values():
         assert r.info.status == "FINISHED" and r.data.metrics["max_abs_err"] < 1e-4
-        assert r.info.run_name == f"causal b1 h2 s64 d16 fp32 [{r.data.tags[report.CANDIDATE_TAG]}]"
+        assert r.info.run_name == f"causal b1 h2 s64 d16 fp32 [{r.data.tags[schema.CANDIDATE_TAG]}]"
     assert by_label["max-autotune"].data.params["max_autotune"] == "true"
     assert not any(k.startswith("ko_") for k in by_label["default"].data.params)
     point = by_label[GRID_POINT].data.params
@@ -315,7 +315,7 @@ def test_candidates_are_checked_config_runs_with_their_options(tuned):
 def test_skipped_candidates_are_killed_runs_with_their_reason(tuned):
     skipped = kind(tuned, "skipped")
     assert {
-        r.data.tags[report.CANDIDATE_TAG]: r.data.tags[report.SKIPPED_TAG] for r in skipped
+        r.data.tags[schema.CANDIDATE_TAG]: r.data.tags[schema.SKIPPED_TAG] for r in skipped
     } == EXPECTED_SKIPS
     for r in skipped:
         assert r.info.status == "KILLED" and r.data.metrics == {}
@@ -324,17 +324,17 @@ def test_skipped_candidates_are_killed_runs_with_their_reason(tuned):
 
 def test_exactly_one_best_and_it_is_the_fastest(tuned):
     measured = kind(tuned, "config")
-    best = [r for r in measured if r.data.tags.get(report.BEST_TAG) == "true"]
+    best = [r for r in measured if r.data.tags.get(schema.BEST_TAG) == "true"]
     assert len(best) == 1
     fastest = min(measured, key=lambda r: r.data.metrics["fwd_compiled_us"])
     assert best[0].info.run_id == fastest.info.run_id
-    assert not any(report.BEST_TAG in r.data.tags for r in kind(tuned, "skipped"))
+    assert not any(schema.BEST_TAG in r.data.tags for r in kind(tuned, "skipped"))
 
 
 def test_tune_run_metrics_default_vs_best(tuned):
     (tune_run,) = kind(tuned, "tune")
-    by_label = {r.data.tags[report.CANDIDATE_TAG]: r for r in kind(tuned, "config")}
-    best = next(r for r in by_label.values() if r.data.tags.get(report.BEST_TAG))
+    by_label = {r.data.tags[schema.CANDIDATE_TAG]: r for r in kind(tuned, "config")}
+    best = next(r for r in by_label.values() if r.data.tags.get(schema.BEST_TAG))
     m, tags = tune_run.data.metrics, tune_run.data.tags
     default_us = by_label["default"].data.metrics["fwd_compiled_us"]
     best_us = best.data.metrics["fwd_compiled_us"]
@@ -342,7 +342,7 @@ def test_tune_run_metrics_default_vs_best(tuned):
     assert m["best_fwd_compiled_us"] == pytest.approx(best_us)
     assert m["best_gain"] == pytest.approx(default_us / best_us) and m["best_gain"] >= 1
     assert (m["candidates_measured"], m["candidates_skipped"], m["candidates_failed"]) == (3, 3, 0)
-    assert tags["flexbench.best_candidate"] == best.data.tags[report.CANDIDATE_TAG]
+    assert tags["flexbench.best_candidate"] == best.data.tags[schema.CANDIDATE_TAG]
     assert tags["flexbench.best_run_id"] == best.info.run_id
     assert tune_run.info.status == "FINISHED"
 
@@ -374,7 +374,7 @@ def test_measured_candidates_are_journalled_and_marked_synced(tuned, mlflow_serv
     results = [e for e in entries if e["type"] == "result"]
     synced = {e["record_id"] for e in entries if e["type"] == "synced"}
     assert len(results) == 3 and {e["record_id"] for e in results} == synced
-    report_ = tracking.sync(tracking.Journal(tuned["journal"]), mlflow_server.uri)
+    report_ = artifacts.sync(tracking.Journal(tuned["journal"]), mlflow_server.uri)
     assert (report_.uploaded, report_.sweeps) == (0, 0)  # nothing left to upload
 
 
@@ -397,7 +397,7 @@ def test_a_failed_candidate_is_a_finding_not_a_failed_tune(mlflow_server, tmp_pa
     exp = client.get_experiment_by_name("tune-failed")
     status = {r.data.tags.get(tracking.KIND_TAG): r.info.status
               for r in tracking.search_all(client, [exp.experiment_id])
-              if r.data.tags.get(report.CANDIDATE_TAG) != "default"}
+              if r.data.tags.get(schema.CANDIDATE_TAG) != "default"}
     assert status == {"sweep": "FINISHED", "tune": "FINISHED", "config": "FAILED"}
 
 

@@ -20,6 +20,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from flexbench import measure, mods, sweep
 from flexbench.cli import main
 from flexbench.config import BenchConfig, with_options
+from flexbench.record import RunRecord
 from tests import user_mods
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -242,7 +243,8 @@ def test_a_failed_check_is_the_configs_error_and_it_is_not_timed():
     with measure.dynamo_settings(False, measure.default_recompile_limit(1)):
         r = measure.Bench().run(c)  # compiles: the check follows
     assert r.error.startswith("CheckFailed: mod produces NaN: ")
-    assert r.record()["status"] == "FAILED" and r.record()["error"] == r.error
+    record = RunRecord.from_result(r)
+    assert record.status == "FAILED" and record.error == r.error
     assert "fwd_compiled_us" not in r.metrics
 
 
