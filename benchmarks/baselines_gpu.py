@@ -108,6 +108,7 @@ def run_part(part: str, out: Path, slice_: tuple[int, int] = (0, 1)) -> list[dic
     DIR/<part>[.I-of-N].jsonl as it lands."""
     from flexbench import measure
     from flexbench.config import shard
+    from flexbench.record import RunRecord
 
     label = f".{slice_[0]}-of-{slice_[1]}" if slice_[1] > 1 else ""
     path = out / f"{part}{label}.jsonl"
@@ -115,7 +116,7 @@ def run_part(part: str, out: Path, slice_: tuple[int, int] = (0, 1)) -> list[dic
     records: list[dict] = []
 
     def keep(result) -> None:
-        record = result.record()
+        record = RunRecord.from_result(result).to_journal()
         records.append(record)
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -128,8 +129,9 @@ def run_part(part: str, out: Path, slice_: tuple[int, int] = (0, 1)) -> list[dic
 def tables(records: list[dict]) -> str:
     """The seed's tables with the baseline column and the Baselines table."""
     from flexbench import report
+    from flexbench.record import RunRecord
 
-    return report.seed_tables([report.row_from_record(r) for r in records])
+    return report.seed_tables([RunRecord.from_journal(r).to_row() for r in records])
 
 
 def main() -> None:

@@ -218,6 +218,7 @@ def speed_child(method: str, out_dir: Path, tag: str) -> dict:
     """One timed method in this (fresh) process: the seed's loop, or `flexbench run` (one GPU,
     or `--gpus all`) tracked to SQLite under out_dir, as the CLI would run it."""
     from flexbench import config, report, sweep
+    from flexbench.record import RunRecord
 
     configs = config.expand_sweep(**HEADLINE, calculate_bwd=True, device="cuda")
     if method == "seed":
@@ -237,7 +238,7 @@ def speed_child(method: str, out_dir: Path, tag: str) -> dict:
         dynamic=method == "flexbench_dynamic",
     )
     inner = time.perf_counter() - start
-    rows = [report.row_from_record(r) for r in outcome.records]
+    rows = [RunRecord.from_journal(r).to_row() for r in outcome.records]
     return {
         "inner_s": inner,
         "sweep_id": outcome.sweep_id,

@@ -26,8 +26,9 @@ from pathlib import Path
 # Writing 10,000 runs makes 30,000 store calls: don't send usage telemetry for each.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from flexbench import query, report, tracking  # noqa: E402
+from flexbench import artifacts, query, summary, tracking  # noqa: E402
 from flexbench.config import BenchConfig, expand_sweep  # noqa: E402
+from flexbench.record import RunRecord  # noqa: E402
 
 TARGET_S = 5.0
 DEFAULT_DB = Path(tempfile.gettempdir()) / "flexbench-scale.db"  # reused; not in the checkout
@@ -91,8 +92,8 @@ def timings(rng: random.Random, prefix: str, base_us: float) -> dict[str, float]
     return out
 
 
-def record(c: BenchConfig, rng: random.Random) -> dict:
-    """A synthetic result record shaped like `measure.Result.record()`."""
+def record(c: BenchConfig, rng: random.Random) -> RunRecord:
+    """A synthetic result record, as `RunRecord.from_result` makes them."""
     work = c.batch * c.heads * c.q_len * c.kv_len * c.head_dim
     metrics = {
         **timings(rng, "fwd", work / 2e7),
@@ -103,14 +104,8 @@ def record(c: BenchConfig, rng: random.Random) -> dict:
         "compile_s": rng.uniform(2, 9),
         "peak_mem_mb": work / 1e5,
     }
-    return {
-        "config_key": c.config_key(),
-        "run_name": c.run_name(),
-        "params": {**c.params(), "baseline": "sdpa_attn_mask"},
-        "metrics": metrics,
-        "status": "FINISHED",
-        "error": None,
-    }
+    params = {**c.params(), "baseline": "sdpa_attn_mask"}
+    return RunRecord(c.config_key(), c.run_name(), params, metrics)
 
 
 def write(uri: str, n: int) -> str:
@@ -136,7 +131,7 @@ def write(uri: str, n: int) -> str:
         if (i + 1) % 1000 == 0:
             rate = (i + 1) / (time.perf_counter() - start)
             print(f"  wrote {i + 1}/{n} runs ({rate:.0f} runs/s)", file=sys.stderr)
-    tracking.finish_sweep_run(client, parent, entries, terminate=True)
+    tracking.finish_sweep_run(client, parent, artifacts.for_sweep(entries), terminate=True)
     return parent
 
 
@@ -149,10 +144,10 @@ def existing(uri: str) -> int:
 
 
 def time_in_process(uri: str, sweep: str, where: list[str]) -> tuple[float, int]:
-    """Seconds for `report.summary` (query + tables) in this process, and rows it read."""
+    """Seconds for `summary.summary` (query + tables) in this process, and rows it read."""
     start = time.perf_counter()
-    result = report.summary(uri, EXPERIMENT, sweep=sweep, where=where)
-    report.render_summary(result, "table")
+    result = summary.summary(uri, EXPERIMENT, sweep=sweep, where=where)
+    summary.render_summary(result, "table")
     return time.perf_counter() - start, len(result.rows)
 
 
