@@ -104,7 +104,9 @@ def test_rows_from_the_journal_equal_rows_from_mlflow(mlflow_server, logged, sto
     records, parent = logged
     uri = mlflow_server.uri if store == "server" else mlflow_server.backend_uri
     rows, _ = query.read(query.Selection(parent), uri, "records")
-    from_journal = [journalled(r).to_row() for r in records]
+    # the journal's record, with the run ids its `synced` mark and sweep run give
+    ids = [{"run_id": r.run_id, "sweep_run_id": r.sweep_run_id} for r in records]
+    from_journal = [journalled(r).with_run(**i).to_row() for r, i in zip(records, ids)]
     by_name = {r["status"]: r for r in rows}
     for want in from_journal:
         got = by_name[want["status"]]
