@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from dataclasses import fields
 
+from flexbench.config import BenchConfig
+
 # --- tags ------------------------------------------------------------------------------------
 
 SWEEP_ID_TAG = "flexbench.sweep_id"
@@ -98,17 +100,11 @@ NOT_SHOWN = tuple(k for k in NOT_IDENTITY if k != "regime")
 ENV_SHOWN = ("gpu", "torch", "triton", "cuda")  # environment tags the tables show when they vary
 
 
-def _bench_config():
-    from flexbench.config import BenchConfig  # config imports torch (for now): read it late
-
-    return BenchConfig
-
-
 @functools.cache
 def config_params() -> tuple[str, ...]:
     """The child-run params a BenchConfig logs (`BenchConfig.params()`): `shape`, then one per
     field in field order, but kernel options (logged as `ko_*`)."""
-    names = (f.name for f in fields(_bench_config()) if f.name != "kernel_options")
+    names = (f.name for f in fields(BenchConfig) if f.name != "kernel_options")
     return (SHAPE_PARAM, *names)
 
 
@@ -121,7 +117,7 @@ def param_keys() -> tuple[str, ...]:
 @functools.cache
 def bool_params() -> tuple[str, ...]:
     """Params of bool fields, logged lower-case (`true`)."""
-    return tuple(f.name for f in fields(_bench_config()) if f.type in ("bool", bool))
+    return tuple(f.name for f in fields(BenchConfig) if f.type in ("bool", bool))
 
 
 @functools.cache
