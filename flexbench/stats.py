@@ -1,8 +1,10 @@
 """Pure statistics of a timed series: noise, the stopping rule, clock classification.
 
-The method follows NVIDIA's nvbench: sample until the relative noise has converged, within a
-minimum sample count and time and a time limit; samples taken below a fraction of the GPU's
-maximum clock are throttled.
+The method follows NVIDIA's nvbench (its `stdrel` criterion): sample until the relative noise
+is at or below the target, within a minimum sample count and time and a time limit; a series
+whose noise has settled above the target stops early (more samples would not bring it down:
+the series is that noisy), still flagged as not meeting the target; samples taken below a
+fraction of the GPU's maximum clock are throttled.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ from dataclasses import dataclass
 
 from flexbench.flops import quantile
 
-CONVERGED = "converged"
-TIMED_OUT = "max_time"
+CONVERGED = "converged"  # noise at or below the target
+SETTLED = "settled"  # noise settled above the target: stop, unconverged (nvbench's "stable")
+TIMED_OUT = "max_time"  # time is up, unconverged
+SETTLE_AFTER = 32  # rounds before a series' noise may count as settled (nvbench: 64 samples)
+SETTLE_EVERY = 16  # judge it every this many rounds, over this many trailing estimates
+SETTLE_SPREAD = 0.05  # settled: their RMS deviation from the latest is under 5% of it
 
 
 @dataclass(frozen=True)
@@ -47,11 +53,31 @@ def relative_iqr(samples: Sequence[float]) -> float:
     return (quantile(samples, 0.75) - quantile(samples, 0.25)) / median
 
 
-def stop_reason(samples: Sequence[float], elapsed_s: float, rule: StopRule) -> str | None:
-    """`converged`, `max_time` (give up: unconverged), or None to keep sampling."""
+def settled(noises: Sequence[float]) -> bool:
+    """The series' noise estimates (one after each round) have stopped moving: at least
+    SETTLE_AFTER of them, judged every SETTLE_EVERY rounds, the trailing SETTLE_EVERY within
+    SETTLE_SPREAD (RMS, relative) of the latest. nvbench's test for inherently noisy series."""
+    n = len(noises)
+    if n < SETTLE_AFTER or n % SETTLE_EVERY:
+        return False
+    latest = noises[-1]
+    if not 0 < latest < float("inf"):
+        return False
+    window = noises[-SETTLE_EVERY:]
+    rms = (sum((x - latest) ** 2 for x in window) / len(window)) ** 0.5
+    return rms < SETTLE_SPREAD * latest
+
+
+def stop_reason(
+    samples: Sequence[float], elapsed_s: float, rule: StopRule, noises: Sequence[float] = ()
+) -> str | None:
+    """`converged`, `settled` or `max_time` (both unconverged), or None to keep sampling;
+    `noises` holds the series' noise after each round so far (for `settled`)."""
     enough = len(samples) >= rule.min_samples and elapsed_s >= rule.min_time_s
     if enough and relative_iqr(samples) <= rule.max_noise:
         return CONVERGED
+    if enough and settled(noises):
+        return SETTLED
     if elapsed_s >= rule.max_time_s and samples:
         return TIMED_OUT
     return None

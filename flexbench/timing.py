@@ -2,7 +2,8 @@
 
 `time_all` times several functions (flex and its baselines) in interleaved rounds, so a clock
 or thermal drift hits all alike, and keeps sampling each until its relative noise (IQR /
-median) has converged or its time is up (`stats.StopRule`). Each series carries its sample
+median) is at the target, has settled above it, or its time is up (`stats.StopRule`,
+`stats.settled`). Each series carries its sample
 count, noise and the GPU state it ran in (SM clock, power, temperature, from NVML).
 
 Two regimes on CUDA (`--regime`):
@@ -227,6 +228,7 @@ class _Series:
     readings: list[Reading] = field(default_factory=list)
     retaken: int = 0
     stop: str | None = None
+    noises: list[float] = field(default_factory=list)  # relative IQR after each round
 
 
 def _recover(gpu: Gpu, floor_mhz: float) -> None:
@@ -268,8 +270,8 @@ def time_all(
     grads: Sequence[torch.Tensor] = (),
 ) -> dict[str, Timing]:
     """Time every function in `fns` (name -> call) with `sampler` in interleaved rounds until
-    each has converged or hit the time limit; grads are set to None before every CPU/do_bench
-    call."""
+    each has converged, settled or hit the time limit; grads are set to None before every
+    CPU/do_bench call."""
     settings = settings or Settings()
     device = timers.SAMPLERS[sampler].device
     for fn in fns.values():
@@ -286,7 +288,8 @@ def time_all(
             _take(s, settings, floor_mhz, out_of_time)
         elapsed = time.perf_counter() - start
         for s in active:
-            s.stop = stats.stop_reason(s.samples_ms, elapsed, settings.rule)
+            s.noises.append(stats.relative_iqr(s.samples_ms))
+            s.stop = stats.stop_reason(s.samples_ms, elapsed, settings.rule, s.noises)
         if settings.regime == "burst" and device == "cuda":
             time.sleep((time.perf_counter() - round_start) * BURST_GAP)
     return {name: _finish(s, settings, max_mhz) for name, s in series.items()}

@@ -153,3 +153,38 @@ def test_without_nvml_there_is_no_gpu_state():
     assert gpustate.open_gpu(0) is None  # CPU machine: no pynvml, or no driver
     t = timing.Timing.from_ms([1.0, 1.0, 1.0])
     assert not [k for k in t.metrics("fwd_eager") if "mhz" in k or "power" in k]
+
+
+def test_settled_by_hand():
+    # 32 estimates, the last 16 alternating 0.010/0.011: RMS deviation from the latest (0.011)
+    # is sqrt(8 * 0.001**2 / 16) = 0.000707, over 5% of 0.011 = 0.00055: still moving
+    wobbly = [0.02] * 16 + [0.010, 0.011] * 8
+    assert stats.settled(wobbly) is False
+    # the last 16 within 0.0100..0.0102 of latest 0.0101: RMS 0.0000707 < 0.000505
+    steady = [0.02] * 16 + [0.0100, 0.0101, 0.0102, 0.0101] * 4
+    assert stats.settled(steady) is True
+    assert stats.settled(steady[:31]) is False  # fewer than SETTLE_AFTER estimates
+    assert stats.settled(steady + [0.0101]) is False  # judged only every SETTLE_EVERY rounds
+    assert stats.settled([float("inf")] * 32) is False
+
+
+def test_a_noisy_series_whose_noise_settles_stops_early_unconverged():
+    rule = stats.StopRule(max_noise=0.001, min_samples=10, max_time_s=60.0)
+    samples = [1.0, 1.1] * 16  # noise 0.1 > target, settled (every estimate ~0.1)
+    noises = [stats.relative_iqr(samples[: n + 1]) for n in range(len(samples))]
+    assert stats.stop_reason(samples, 1.0, rule, noises) == stats.SETTLED
+    assert stats.stop_reason(samples[:30], 1.0, rule, noises[:30]) is None
+    assert stats.stop_reason(samples, 1.0, rule) is None  # no noise history: keep sampling
+
+
+def test_time_all_stops_a_settled_series_and_flags_it_unconverged(monkeypatch):
+    class Repeating(Scripted):
+        script = [1.0, 1.1] * 1000
+
+    monkeypatch.setitem(timing.SAMPLERS, "cpu", Repeating)
+    settings = timing.Settings(
+        regime="none", rule=stats.StopRule(max_noise=0.001, min_samples=10, max_time_s=30.0)
+    )
+    t = timing.time_all("cpu", {"f": lambda: None}, settings)["f"]
+    assert t.samples == stats.SETTLE_AFTER  # stopped at the first judgement, not at 30 s
+    assert not t.converged and t.noise_pct > 0.1 * 100 / 2
