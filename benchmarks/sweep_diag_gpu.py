@@ -192,7 +192,7 @@ class Hooks:
 
 def child(spec: dict, argv: list[str]) -> None:
     """`flexbench <argv>` in this process, with hooks, BURST_GAP and cProfile as `spec` asks;
-    events (and the profile) are written when it ends, however it ends."""
+    events (and the profile) are written by an exit handler, however it ends."""
     hooks = Hooks(spec["t_spawn"])
     hooks.mark("python started")
     sys.path.insert(0, str(REPO))
@@ -221,18 +221,22 @@ def child(spec: dict, argv: list[str]) -> None:
         import cProfile
 
         profiler = cProfile.Profile()
-    hooks.mark("cli start")
-    try:
-        if profiler is not None:
-            profiler.enable()
-        flexbench.cli.main(argv)
-    finally:
+    import atexit
+
+    def dump() -> None:  # at exit: main() may end the process itself (fastexit)
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(spec["profile"])
         hooks.mark("cli end")
         payload = {"events": hooks.events, "missing_hooks": hooks.missing}
         Path(spec["events"]).write_text(json.dumps(payload))
+
+    atexit.register(dump)  # runs last: after the command's own exit handlers
+    sys.argv = ["flexbench", *argv]  # the process's own command line, as `flexbench` runs it
+    hooks.mark("cli start")
+    if profiler is not None:
+        profiler.enable()
+    flexbench.cli.main()
 
 
 # --- reading a run back ----------------------------------------------------------------------
@@ -368,7 +372,7 @@ def timeline(events: list[dict], wall_s: float) -> list[tuple[str, float | None]
         ("after last config: pool shutdown", "measured"),
         ("drain + finish (aggregates, artifacts)", "finish"),
         ("sweep.run_sweep returns", "returned"),
-        ("cli: tables, closing line", "cli_end"),
+        ("cli: tables, closing line, exit handlers", "cli_end"),
     ]
     out, prev = [], 0.0
     for label, key in order:
@@ -377,7 +381,7 @@ def timeline(events: list[dict], wall_s: float) -> list[tuple[str, float | None]
             continue
         out.append((label, t[key] - prev))
         prev = t[key]
-    out.append(("interpreter exit (after cli)", wall_s - prev))
+    out.append(("interpreter teardown (after exit handlers)", wall_s - prev))
     return out
 
 
@@ -418,8 +422,11 @@ def per_config(events: list[dict], series: dict) -> list[dict]:
     return rows
 
 
-def top_functions(path: Path, n: int = TOP_FUNCTIONS, key: str = "cumulative") -> list[dict]:
-    """The profile's top `n` functions by cumulative (or own: `tottime`) seconds."""
+def top_functions(
+    path: Path, n: int = TOP_FUNCTIONS, key: str = "cumulative", under: str = ""
+) -> list[dict]:
+    """The profile's top `n` functions by cumulative (or own: `tottime`) seconds, of files
+    whose path holds `under` (e.g. "/flexbench/") when given."""
     import pstats
 
     stats = pstats.Stats(str(path)).stats
@@ -431,6 +438,7 @@ def top_functions(path: Path, n: int = TOP_FUNCTIONS, key: str = "cumulative") -
             "cumulative": ct,
         }
         for (file, line, func), (_, nc, tt, ct, _) in stats.items()
+        if under in file
     ]
     rows.sort(key=lambda r: r[key], reverse=True)
     return rows[:n]
@@ -507,6 +515,7 @@ def collect(name: str, spec: dict, wall: float, code: object, stderr: str, paths
     if paths.get("profile") and Path(paths["profile"]).exists():
         entry["top_cumulative"] = top_functions(Path(paths["profile"]))
         entry["top_own"] = top_functions(Path(paths["profile"]), 25, "tottime")
+        entry["top_flexbench"] = top_functions(Path(paths["profile"]), 40, under="/flexbench/")
     if code != 0:
         entry["stderr_tail"] = stderr[-2000:]
     return entry
@@ -590,7 +599,11 @@ def breakdown_tables(entry: dict) -> list[str]:
 
 def profile_tables(entry: dict) -> list[str]:
     lines = []
-    for key, title in (("top_cumulative", "cumulative"), ("top_own", "own time")):
+    for key, title in (
+        ("top_flexbench", "cumulative, flexbench's functions"),
+        ("top_cumulative", "cumulative"),
+        ("top_own", "own time"),
+    ):
         rows = entry.get(key)
         if not rows:
             continue

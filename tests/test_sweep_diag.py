@@ -105,7 +105,7 @@ def test_timeline_adds_up_to_the_wall_time_and_per_config_rows():
     assert segments["import torch"] == pytest.approx(1.95)
     assert segments["worker pool start + warm_gpu, until config 1"] == pytest.approx(1.8)
     assert segments["measuring loop (configs)"] == pytest.approx(14.1 - 6.0)
-    assert segments["interpreter exit (after cli)"] == pytest.approx(0.5)
+    assert segments["interpreter teardown (after exit handlers)"] == pytest.approx(0.5)
     rows = diag.per_config(EVENTS, {"a": diag.series_of(metrics(1.0, 3, 1.0))})
     assert [r["config"] for r in rows] == ["a", "b"]
     a, b = rows
