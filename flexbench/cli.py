@@ -1004,7 +1004,17 @@ tune.params[:0] = [_shared_option(name, default) for name, default in TUNE_SHARE
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: every error is one line on stderr (exit 2 usage, 1 runtime)."""
+    """Entry point: every error is one line on stderr (exit 2 usage, 1 runtime). Run as the
+    process's own command line (`argv` None), the process ends without the interpreter's slow
+    teardown once the command is done (fastexit)."""
+    if argv is None:
+        from flexbench import fastexit
+
+        fastexit.run(lambda: _main(None))
+    _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     for name in QUIET_LOGGERS:  # MLflow's notes on creating a SQLite store are not ours to print
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -329,6 +330,33 @@ class Bench:
         self._compiled: dict[tuple, Callable] = {}
         self._masks: dict[tuple, BlockMask] = {}
         self._gpu: gpustate.Gpu | None | bool = False  # False: not opened yet
+        self._warming: threading.Thread | None = None
+        self._warm_error: BaseException | None = None
+
+    def warm_up(self, warm: Callable[[], None] | None) -> None:
+        """Run `warm` (timing.warm_gpu) on a thread while the first config is prepared and
+        compiled; `settle` waits for it before anything that needs the GPU to itself."""
+        if warm is None:
+            return
+
+        def body() -> None:
+            try:
+                warm()
+            except BaseException as exc:  # noqa: BLE001 - raised again by settle
+                self._warm_error = exc
+
+        self._warming = threading.Thread(target=body, name="flexbench-gpu-warm-up", daemon=True)
+        self._warming.start()
+
+    def settle(self) -> None:
+        """Wait for the GPU warm-up (if one runs): peak memory, the kernels profiler and the
+        timers must see this config's work alone. A warm-up error is raised here, once."""
+        if self._warming is None:
+            return
+        self._warming.join()
+        self._warming, error, self._warm_error = None, self._warm_error, None
+        if error is not None:
+            raise error
 
     def timing_settings(self, c: BenchConfig) -> timing.Settings:
         """The config's regime and stopping rule, with this process's GPU (None on CPU or
@@ -443,6 +471,9 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
         m["bwd_max_abs_err"] = max(max_abs_err(a, e) for a, e in zip(outs[1:], expected[1:]))
     if failure:
         raise CheckFailed(f"{failure} ({c.dtype}); not timed")
+    lap("check")
+    bench.settle()  # the GPU warm-up overlapped this config's compile and check
+    lap("warm_up")
     if c.device == "cuda":
         del outs, expected, expected_out, expected_grads  # not part of flex's footprint
         m["peak_mem_mb"] = _peak_mem_mb(flex, dout, (q, k, v))
@@ -672,7 +703,11 @@ def _record(kind: str, m: dict[str, float], times: dict[str, timing.Timing], wor
 
 def cached_graphs() -> int:
     """Most graphs dynamo already holds for one of our compiled functions (flex_attention,
-    the inductor_math baseline) in this process (earlier sweeps)."""
+    the inductor_math baseline) in this process (earlier sweeps); 0 without importing dynamo
+    when nothing imported it yet (importing it takes a second: the compile workers start
+    first)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
@@ -715,16 +750,25 @@ def run_sweep(
     dynamic = any(c.dynamic for c in configs)
     limit = default_recompile_limit(len(configs)) if recompile_limit is None else recompile_limit
     with precompile.Pool(configs, compile_workers, dynamic, limit) as pool:
-        if any(c.device == "cuda" for c in configs):
-            timing.warm_gpu()
-        with dynamo_settings(dynamic, limit):
-            bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")
-            for i, c in enumerate(bar):
-                bar.set_description(c.run_name())
-                ready = pool.take(i)
-                results.append(ready.failed or bench.run(c))
-                if ready.by_worker:
-                    results[-1].phases["wait"] = ready.waited
-                if on_result is not None:
-                    on_result(results[-1])
+        bench.warm_up(gpu_warm_up(configs))
+        try:
+            with dynamo_settings(dynamic, limit):
+                bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")
+                for i, c in enumerate(bar):
+                    bar.set_description(c.run_name())
+                    ready = pool.take(i)
+                    results.append(ready.failed or bench.run(c))
+                    if ready.by_worker:
+                        results[-1].phases["wait"] = ready.waited
+                    if on_result is not None:
+                        on_result(results[-1])
+        finally:
+            with suppress(Exception):  # no thread left behind; its error was a config's
+                bench.settle()
     return results
+
+
+def gpu_warm_up(configs: Sequence[BenchConfig]) -> Callable[[], None] | None:
+    """What warms the GPU before the first config is timed (timing.warm_gpu), for a sweep with
+    a CUDA config; None otherwise."""
+    return timing.warm_gpu if any(c.device == "cuda" for c in configs) else None

@@ -8,11 +8,15 @@ module and the tests read its results.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 
-from flexbench import flops, measure, stats, timing
+from flexbench import flops, kernels, measure, stats, timing
 from flexbench.config import BenchConfig, with_options
 from flexbench.record import RunRecord
 
@@ -140,6 +144,60 @@ def test_default_recompile_limit_counts_graphs_of_earlier_sweeps(sweep):
     held = measure.cached_graphs()
     assert held >= 2  # CAUSAL and DECODE at least
     assert measure.default_recompile_limit(3) == held + 8 + 2 * 3
+
+
+def test_cached_graphs_does_not_import_dynamo():
+    """The sweep sizes its recompile limit before starting compile workers: without a second
+    of importing dynamo when nothing in the process compiled yet."""
+    code = ("import sys; from flexbench import measure; "
+            "print(measure.cached_graphs(), 'torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
+
+
+def test_gpu_warm_up_overlaps_the_first_compile_and_ends_before_kernels_and_timing(
+    sweep, monkeypatch
+):
+    """The GPU warm-up runs while the first config compiles, and is over before its kernels
+    profile and timers run (CPU stands in for CUDA: the same order)."""
+    log, compiling, gpu_warm_up = [], threading.Event(), measure.gpu_warm_up
+
+    def warm() -> None:
+        log.append("warm start")
+        assert compiling.wait(60), "the first config did not compile during the warm-up"
+        time.sleep(0.2)
+        log.append("warm end")
+
+    def logged(name, fn, event=None):
+        def call(*args, **kwargs):
+            log.append(name)
+            if event is not None:
+                event.set()
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(measure, "gpu_warm_up", lambda configs: warm)
+    monkeypatch.setattr(measure, "_first_calls", logged("compile", measure._first_calls, compiling))
+    monkeypatch.setattr(kernels, "profile", logged("kernels", kernels.profile))
+    monkeypatch.setattr(timing, "time_all", logged("timing", timing.time_all))
+    results = measure.run_sweep([CAUSAL, CAUSAL], progress=False)
+    assert [r.error for r in results] == [None, None]
+    assert log.index("warm start") < log.index("compile") < log.index("warm end")
+    assert log.index("warm end") < log.index("kernels") < log.index("timing")
+    assert log.count("warm start") == 1 and results[0].phases["warm_up"] > 0
+    assert gpu_warm_up([CAUSAL]) is None
+    assert gpu_warm_up([CAUSAL, with_options(CAUSAL, device="cuda")]) is timing.warm_gpu
+
+
+def test_a_failing_warm_up_fails_the_config_that_waits_for_it(sweep):
+    bench = measure.Bench()
+    bench.warm_up(lambda: 1 / 0)
+    with measure.dynamo_settings(False, measure.default_recompile_limit(1)):
+        result = bench.run(CAUSAL)
+    assert result.error.startswith("ZeroDivisionError")
+    bench.settle()  # raised once: nothing left to wait for
 
 
 def test_one_compiled_callable_per_dynamic_autotune_and_kernel_options():
