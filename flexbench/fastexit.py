@@ -1,6 +1,6 @@
 """End a `flexbench` process without the interpreter's teardown once its command is done.
 
-After a command that loaded torch (and MLflow, inductor), CPython's finalization -- module
+After a command that loaded torch or MLflow (run, tune, sync), CPython's finalization -- module
 teardown, freeing every object, native destructors -- takes seconds (about 2 s on a 2-core
 machine after a compiled CPU sweep) and does nothing for the results: journal lines are
 fsynced as written, MLflow's writes are committed, compile workers are gone. So the process
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import NoReturn
 
-HEAVY = ("torch",)  # modules whose teardown is the slow part; without them, exit as usual
+HEAVY = ("torch", "mlflow")  # whose teardown is the slow part; without them, exit as usual
 
 
 def exit_status(code: object) -> int:
