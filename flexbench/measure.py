@@ -751,6 +751,8 @@ def run_sweep(
     limit = default_recompile_limit(len(configs)) if recompile_limit is None else recompile_limit
     with precompile.Pool(configs, compile_workers, dynamic, limit) as pool:
         bench.warm_up(gpu_warm_up(configs))
+        if any(c.max_autotune for c in configs):  # autotuning times kernels: not beside it
+            bench.settle()
         try:
             with dynamo_settings(dynamic, limit):
                 bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")

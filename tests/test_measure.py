@@ -191,6 +191,17 @@ def test_gpu_warm_up_overlaps_the_first_compile_and_ends_before_kernels_and_timi
     assert gpu_warm_up([CAUSAL, with_options(CAUSAL, device="cuda")]) is timing.warm_gpu
 
 
+def test_a_max_autotune_sweep_compiles_after_the_warm_up(monkeypatch):
+    """Autotuning times candidate kernels while compiling: never beside the GPU warm-up."""
+    log = []
+    monkeypatch.setattr(measure, "gpu_warm_up", lambda configs: lambda: (
+        time.sleep(0.2), log.append("warm end")))
+    monkeypatch.setattr(measure.Bench, "run", lambda self, c: (
+        log.append("run"), measure.Result(c))[1])
+    measure.run_sweep([with_options(CAUSAL, max_autotune=True)], progress=False)
+    assert log == ["warm end", "run"]
+
+
 def test_a_failing_warm_up_fails_the_config_that_waits_for_it(sweep):
     bench = measure.Bench()
     bench.warm_up(lambda: 1 / 0)
