@@ -39,8 +39,9 @@ PROGRAM = textwrap.dedent(
 
 def run_program(heavy: str, code: str) -> subprocess.CompletedProcess:
     program = PROGRAM.format(heavy=heavy, code=code)
-    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_with_torch_loaded_the_teardown_is_skipped_and_the_rest_of_the_exit_kept():
