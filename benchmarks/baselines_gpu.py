@@ -31,11 +31,12 @@ SDPA_FORMS = "sdpa,sdpa_cudnn,sdpa_flash,sdpa_efficient,inductor_math"
 
 def part_configs(part: str) -> list:
     """The configs of one part."""
-    from flexbench.config import BenchConfig, expand_sweep
+    from flexbench.config import BenchConfig
+    from flexbench.spec import SweepSpec
 
     gpu = dict(device="cuda", dtypes=["bfloat16"])
     if part == "sweep16":
-        return expand_sweep(
+        return SweepSpec(
             [8],
             [16],
             [1024, 4096],
@@ -44,9 +45,9 @@ def part_configs(part: str) -> list:
             calculate_bwd=True,
             baselines=SDPA_FORMS,
             **gpu,
-        )
+        ).configs()
     if part == "mods":
-        return expand_sweep(
+        return SweepSpec(
             [4],
             [32],
             [2048],
@@ -55,9 +56,9 @@ def part_configs(part: str) -> list:
             calculate_bwd=True,
             baselines="eager_math,inductor_math,sdpa",
             **gpu,
-        )
+        ).configs()
     if part == "backends":
-        prefill = expand_sweep(
+        prefill = SweepSpec(
             [8],
             [16],
             [4096],
@@ -65,7 +66,7 @@ def part_configs(part: str) -> list:
             ["noop", "causal"],
             flex_backends=["auto", "triton", "flash", "triton_decode"],
             **gpu,
-        )
+        ).configs()
         decode = [
             BenchConfig(8, 16, 1, 128, kv_len=8192, device="cuda", flex_backend=b)
             for b in ("auto", "triton", "triton_decode")
@@ -122,7 +123,7 @@ def run_part(part: str, out: Path, slice_: tuple[int, int] = (0, 1)) -> list[dic
             f.write(json.dumps(record) + "\n")
         print(line(record), flush=True)
 
-    measure.run_sweep(shard(part_configs(part), *slice_), keep, progress=False)
+    measure.measure_configs(shard(part_configs(part), *slice_), keep, progress=False)
     return records
 
 

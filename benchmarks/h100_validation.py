@@ -87,7 +87,7 @@ def smoke(configs_for) -> dict:
     """One small causal config, forward and backward, with the default timer."""
     from flexbench import measure
 
-    r = measure.run_sweep([configs_for(2, 16, 512, 64, "causal")], progress=False)[0]
+    r = measure.measure_configs([configs_for(2, 16, 512, 64, "causal")], progress=False)[0]
     if r.error:
         raise SystemExit(f"smoke config failed: {r.error}")
     return r.metrics
@@ -97,10 +97,11 @@ def sdpa_backends() -> dict:
     """The top CUDA kernel of each headline config's SDPA baseline, forward (profiled)."""
     import torch
 
-    from flexbench import config, measure, mods
+    from flexbench import measure, mods
+    from flexbench.spec import SweepSpec
 
     out = {}
-    for c in config.expand_sweep(**HEADLINE, calculate_bwd=True, device="cuda"):
+    for c in SweepSpec(**HEADLINE, calculate_bwd=True, device="cuda").configs():
         built = mods.resolve(c.score_mod).build(mods.Dims(c.heads, c.q_len, c.kv_len, c.device))
         q, k, v = measure.make_inputs(c, requires_grad=True)
         eager = measure.sdpa_baseline(q, k, v, built, 1.0 / math.sqrt(c.head_dim))
@@ -170,7 +171,7 @@ def fidelity(configs_for, mods=("noop", "causal")) -> list[dict]:
             print(f"fidelity: {row['config']}", flush=True)
             for timer in ("do_bench", "cudagraph_fwd", "cudagraph"):
                 c = measure.BenchConfig(**{**base.identity(), "timer": timer})
-                r = measure.run_sweep([c], progress=False)[0]
+                r = measure.measure_configs([c], progress=False)[0]
                 if r.error:
                     row[f"{timer}_error"] = r.error
                     continue
@@ -199,7 +200,7 @@ def repeatability(configs_for) -> dict:
     configs = [
         configs_for(b, h, s, d, m) for b, h, s, d in FIDELITY_SHAPES for m in ("noop", "causal")
     ]
-    runs = [measure.run_sweep(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
+    runs = [measure.measure_configs(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
     out = {}
     for i, c in enumerate(configs):
         for key in ("fwd_eager_us", "fwd_compiled_us", "bwd_eager_us", "bwd_compiled_us"):
@@ -217,25 +218,26 @@ WORK = Path("/tmp/flexbench-validation-work")  # journals, children's JSON (--ou
 def speed_child(method: str, out_dir: Path, tag: str) -> dict:
     """One timed method in this (fresh) process: the seed's loop, or `flexbench run` (one GPU,
     or `--gpus all`) tracked to SQLite under out_dir, as the CLI would run it."""
-    from flexbench import config, report, sweep
+    from flexbench import report, sweep
     from flexbench.record import RunRecord
+    from flexbench.spec import SweepSpec
+    from flexbench.tracking_settings import TrackingSettings
 
-    configs = config.expand_sweep(**HEADLINE, calculate_bwd=True, device="cuda")
+    configs = SweepSpec(**HEADLINE, calculate_bwd=True, device="cuda").configs()
     if method == "seed":
         return {"inner_s": seed_method(configs)}
-    args = {k: v for k, v in HEADLINE.items() if k != "dtypes"}
     start = time.perf_counter()
     outcome = sweep.run(
-        **args,
-        dtypes=HEADLINE["dtypes"],
-        calculate_bwd=True,
-        device="cuda",
-        tracking_uri=f"sqlite:///{out_dir}/speed.db",
-        journal=str(WORK / f"speed-{method}-{tag}.jsonl"),
-        run_name=f"speed {method} {tag}",
+        SweepSpec(
+            **HEADLINE, calculate_bwd=True, device="cuda", dynamic=method == "flexbench_dynamic"
+        ),
+        TrackingSettings(
+            tracking_uri=f"sqlite:///{out_dir}/speed.db",
+            journal=str(WORK / f"speed-{method}-{tag}.jsonl"),
+            run_name=f"speed {method} {tag}",
+        ),
         quiet=True,
         gpus="all" if method == "flexbench_gpus" else None,
-        dynamic=method == "flexbench_dynamic",
     )
     inner = time.perf_counter() - start
     rows = [RunRecord.from_journal(r).to_row() for r in outcome.records]

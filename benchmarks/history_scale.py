@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from summary_scale import ENV, record  # noqa: E402
 
 from flexbench import history, tracking  # noqa: E402
-from flexbench.config import BenchConfig, expand_sweep  # noqa: E402
+from flexbench.config import BenchConfig  # noqa: E402
+from flexbench.spec import SweepSpec
 
 TARGET_S = 5.0
 DEFAULT_DB = Path(tempfile.gettempdir()) / "flexbench-history.db"
@@ -44,7 +45,7 @@ SLOW_CONFIG = "causal b8 h16 s4096 d128 bf16"
 
 def seed_configs() -> list[BenchConfig]:
     """The seed's 72 configs, forward and backward."""
-    return expand_sweep(
+    return SweepSpec(
         [2, 8, 16],
         [16],
         [512, 1024, 4096],
@@ -53,7 +54,7 @@ def seed_configs() -> list[BenchConfig]:
         ["bfloat16"],
         device="cuda",
         calculate_bwd=True,
-    )
+    ).configs()
 
 
 def nightly(c: BenchConfig, index: int, sweep: int) -> dict:

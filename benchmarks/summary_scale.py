@@ -27,8 +27,9 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from flexbench import artifacts, query, summary, tracking  # noqa: E402
-from flexbench.config import BenchConfig, expand_sweep  # noqa: E402
+from flexbench.config import BenchConfig  # noqa: E402
 from flexbench.record import RunRecord  # noqa: E402
+from flexbench.spec import SweepSpec  # noqa: E402
 
 TARGET_S = 5.0
 DEFAULT_DB = Path(tempfile.gettempdir()) / "flexbench-scale.db"  # reused; not in the checkout
@@ -49,7 +50,7 @@ ENV = {
 
 def configs(n: int) -> list[BenchConfig]:
     """The first n configs of a large realistic grid."""
-    grid = expand_sweep(
+    grid = SweepSpec(
         [1, 2, 4, 8, 16, 32],
         [16],
         [256, 512, 1024, 2048, 4096, 8192],
@@ -71,7 +72,7 @@ def configs(n: int) -> list[BenchConfig]:
         kv_lens=[None, 16384],
         device="cuda",
         calculate_bwd=True,
-    )
+    ).configs()
     if len(grid) < n:
         raise SystemExit(f"--runs at most {len(grid)}")
     return grid[:n]

@@ -61,7 +61,7 @@ BUDGET_S = 520  # the GPU machine's command limit is 600 s: leave time to write 
 TOP_FUNCTIONS = 50
 # module:attribute to time in the measuring process; a missing one is listed, not fatal.
 HOOKS = (
-    "flexbench.sweep:run_sweep",
+    "flexbench.sweep:measure_and_track",
     "flexbench.sweep:connect",
     "flexbench.env:capture",
     "flexbench.tracking:Tracker.connect",
@@ -70,7 +70,7 @@ HOOKS = (
     "flexbench.precompile:Pool.__exit__",
     "flexbench.precompile:Pool.take",
     "flexbench.timing:warm_gpu",
-    "flexbench.measure:run_sweep",
+    "flexbench.measure:measure_configs",
     "flexbench.measure:Bench.run",
     "flexbench.measure:prepare",
     "flexbench.measure:_first_calls",
@@ -132,7 +132,7 @@ class Hooks:
         def timed(*args, **kwargs):
             start, out = time.time(), None
             try:
-                if label == "flexbench.measure:run_sweep":
+                if label == "flexbench.measure:measure_configs":
                     args, kwargs = self._wrap_on_result(args, kwargs)
                 out = fn(*args, **kwargs)
                 return out
@@ -148,7 +148,7 @@ class Hooks:
         setattr(owner, attr, timed)
 
     def _wrap_on_result(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """measure.run_sweep's on_result (tracking, journal per config) as `on_result` events."""
+        """measure.measure_configs's on_result (tracking, journal per config) as events."""
         inner = kwargs.get("on_result", args[1] if len(args) > 1 else None)
         if inner is None:
             return args, kwargs
@@ -349,14 +349,14 @@ def timeline(events: list[dict], wall_s: float) -> list[tuple[str, float | None]
         "torch": _first(events, "import torch", "t1"),
         "flexbench": _first(events, "import flexbench", "t1"),
         "mlflow": _first(events, "import mlflow", "t1"),
-        "sweep": _first(events, "flexbench.sweep:run_sweep"),
+        "sweep": _first(events, "flexbench.sweep:measure_and_track"),
         "connected": _first(events, "flexbench.sweep:connect", "t1"),
-        "measure": _first(events, "flexbench.measure:run_sweep"),
+        "measure": _first(events, "flexbench.measure:measure_configs"),
         "first": _first(events, "flexbench.precompile:Pool.take"),
         "last": _first(events, "on_result", "t1", last=True),
-        "measured": _first(events, "flexbench.measure:run_sweep", "t1", last=True),
+        "measured": _first(events, "flexbench.measure:measure_configs", "t1", last=True),
         "finish": _first(events, "flexbench.tracking:Tracker.finish", "t1", last=True),
-        "returned": _first(events, "flexbench.sweep:run_sweep", "t1", last=True),
+        "returned": _first(events, "flexbench.sweep:measure_and_track", "t1", last=True),
         "cli_end": _first(events, "cli end", "t1"),
     }
     order = [
@@ -366,12 +366,12 @@ def timeline(events: list[dict], wall_s: float) -> list[tuple[str, float | None]
         ("import mlflow", "mlflow"),
         ("cli: parse, expand configs, check names", "sweep"),
         ("env capture + tracker connect", "connected"),
-        ("sweep run start, until measure.run_sweep", "measure"),
+        ("sweep run start, until measure.measure_configs", "measure"),
         ("worker pool start + warm_gpu, until config 1", "first"),
         ("measuring loop (configs)", "last"),
         ("after last config: pool shutdown", "measured"),
         ("drain + finish (aggregates, artifacts)", "finish"),
-        ("sweep.run_sweep returns", "returned"),
+        ("sweep.measure_and_track returns", "returned"),
         ("cli: tables, closing line, exit handlers", "cli_end"),
     ]
     out, prev = [], 0.0

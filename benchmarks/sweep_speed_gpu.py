@@ -113,11 +113,11 @@ def seed_child(sweep_name: str) -> None:
     sys.path.insert(0, str(HERE))
     from h100_validation import seed_method
 
-    from flexbench import config
+    from flexbench.spec import SweepSpec
 
     s = SWEEPS[sweep_name]
     ints = {k: [int(x) for x in s[k].split(",")] for k in ("b", "nh", "s", "d")}
-    configs = config.expand_sweep(
+    configs = SweepSpec(
         ints["b"],
         ints["nh"],
         ints["s"],
@@ -126,7 +126,7 @@ def seed_child(sweep_name: str) -> None:
         ["bfloat16"],
         calculate_bwd=True,
         device="cuda",
-    )
+    ).configs()
     print(json.dumps({"inner_s": seed_method(configs), "configs": len(configs)}))
 
 
@@ -135,9 +135,10 @@ def probe_child() -> None:
     FX-graph and AOT-autograd cache hits and misses (the worker's config should miss nothing)."""
     from torch._dynamo.utils import counters
 
-    from flexbench import config, measure
+    from flexbench import measure
+    from flexbench.spec import SweepSpec
 
-    configs = config.expand_sweep(
+    configs = SweepSpec(
         [8],
         [16],
         [1024],
@@ -146,7 +147,7 @@ def probe_child() -> None:
         ["bfloat16"],
         calculate_bwd=True,
         device="cuda",
-    )
+    ).configs()
     names = ("fxgraph_cache_hit", "fxgraph_cache_miss")
     auto = ("autograd_cache_hit", "autograd_cache_miss")
     seen = []
@@ -162,7 +163,7 @@ def probe_child() -> None:
         )
 
     snap()
-    measure.run_sweep(configs, snap, progress=False, compile_workers=1)
+    measure.measure_configs(configs, snap, progress=False, compile_workers=1)
     rows = []
     for c, before, after in zip(configs, seen, seen[1:]):
         delta = {n: after[n] - before[n] for n in (*names, *auto)}

@@ -97,7 +97,7 @@ def measured(c) -> dict:
     from flexbench import measure
 
     start = time.perf_counter()
-    r = measure.run_sweep([c], progress=False)[0]
+    r = measure.measure_configs([c], progress=False)[0]
     if r.error:
         return {"error": r.error}
     keep = ("_us", "_sm_mhz", "_sm_mhz_min", "_power_w", "_samples", "_noise_pct",
@@ -132,7 +132,7 @@ def repeat(result: dict, save) -> None:
 
     out = result.setdefault("repeat", {})
     configs = [config(*spec) for spec in REPEAT]
-    runs = [measure.run_sweep(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
+    runs = [measure.measure_configs(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
     for i, c in enumerate(configs):
         for s in SERIES:
             values = [run[i].metrics.get(f"{s}_us") for run in runs]
@@ -148,15 +148,15 @@ def repeat(result: dict, save) -> None:
 def speed(result: dict, save) -> None:
     """Measuring time per config (sweep wall minus compile) of the 16-config sweep, default
     options (also runs against an older flexbench on PYTHONPATH, for before/after)."""
-    from flexbench import config as cfg
     from flexbench import measure
+    from flexbench.spec import SweepSpec
 
-    configs = cfg.expand_sweep(
+    configs = SweepSpec(
         SPEED["b"], SPEED["h"], SPEED["s"], SPEED["d"], SPEED["mods"], ["bfloat16"],
         calculate_bwd=True, device="cuda",
-    )  # fmt: skip
+    ).configs()  # fmt: skip
     start = time.perf_counter()
-    results = measure.run_sweep(configs, progress=False)
+    results = measure.measure_configs(configs, progress=False)
     wall = time.perf_counter() - start
     compile_s = sum(r.metrics.get("compile_s", 0.0) for r in results)
     result["speed"] = {

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.server
 from tabulate import tabulate  # noqa: E402
 
 from flexbench import env, tracking  # noqa: E402
-from flexbench.config import expand_sweep  # noqa: E402
+from flexbench.spec import SweepSpec  # noqa: E402
 from tests.servers import MlflowServer  # noqa: E402
 
 METRICS = (
@@ -40,8 +40,8 @@ LEAN_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 def entries(n: int, sweep: dict) -> list[dict]:
     """n journal `result` entries with the contract's params, metrics and tags."""
     mods = ["noop", "causal", "alibi", "softcap", "sliding_window", "document_mask"]
-    configs = expand_sweep([1, 2, 4, 8, 16], [16], [512, 1024, 4096], [64, 128], mods,
-                           device="cpu")  # fmt: skip
+    configs = SweepSpec([1, 2, 4, 8, 16], [16], [512, 1024, 4096], [64, 128], mods,
+                           device="cpu").configs()  # fmt: skip
     now = int(time.time() * 1000)
     out = []
     for c in configs[:n]:

@@ -421,7 +421,7 @@ def run(**opts: object) -> None:
 
     if opts["config_file"]:
         _no_shape_options(click.get_current_context())
-    outcome = _call_api(api.run, opts)
+    outcome = _call_api(api.run, api_options(opts))
     if outcome.records:
         click.echo(outcome.tables())
     click.echo(api.closing_line(outcome, sys.argv[1:]), err=True)
@@ -455,6 +455,17 @@ def _no_shape_options(ctx: click.Context) -> None:
         raise click.UsageError(
             f"--config lists the configs: drop {given[0]} (or put it in the file's entries)"
         )
+
+
+def api_options(opts: dict) -> dict:
+    """A run/tune command's flags as its API's arguments: `spec` (the grid, and every
+    BenchConfig field as the config template), `tracking`, and the other flags as given."""
+    from flexbench.spec import SweepSpec
+    from flexbench.tracking_settings import TrackingSettings
+
+    rest = dict(opts)
+    spec, tracking = SweepSpec.take(rest), TrackingSettings.take(rest)
+    return {"spec": spec, "tracking": tracking, **rest}
 
 
 def _call_api(fn: Callable, opts: dict) -> object:
@@ -993,7 +1004,7 @@ def tune(**opts: object) -> None:
     from flexbench import tune as api
 
     opts["device"] = _default_device(str(opts["device"]))
-    outcome = _call_api(api.run, opts)
+    outcome = _call_api(api.run, api_options(opts))
     if outcome.results:
         click.echo(outcome.table())
     click.echo(api.closing_line(outcome), err=True)

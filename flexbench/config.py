@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -338,40 +337,6 @@ def peak_bytes(c: BenchConfig) -> int:
     """Upper estimate of the memory one CPU config needs, from its shape."""
     args = (c.batch, c.heads, c.kv_heads, c.q_len, c.kv_len, c.head_dim, ITEMSIZE[c.dtype])
     return flops.cpu_peak_bytes(*args)
-
-
-def expand_sweep(
-    batch: Iterable[int],
-    heads: Iterable[int],
-    seq_lens: Iterable[int],
-    head_dims: Iterable[int],
-    score_mods: Iterable[str],
-    dtypes: Iterable[str] = ("bfloat16",),
-    kv_heads: Iterable[int | None] = (None,),
-    kv_lens: Iterable[int | None] = (None,),
-    flex_backends: Iterable[str] = ("auto",),
-    **common: object,
-) -> list[BenchConfig]:
-    """Cartesian product in the seed's order (b, nh, s, d, mod, dtype), then kv_heads, kv_len,
-    flex backend."""
-    grid = itertools.product(
-        batch, heads, seq_lens, head_dims, score_mods, dtypes, kv_heads, kv_lens, flex_backends
-    )
-    return [
-        BenchConfig(
-            batch=b,
-            heads=h,
-            q_len=s,
-            head_dim=d,
-            score_mod=m,
-            dtype=t,
-            kv_heads=kvh,
-            kv_len=kvl,
-            flex_backend=fb,
-            **common,
-        )
-        for b, h, s, d, m, t, kvh, kvl, fb in grid
-    ]
 
 
 def shard(configs: Sequence[BenchConfig], index: int, count: int) -> list[BenchConfig]:

@@ -725,7 +725,7 @@ def default_recompile_limit(n_configs: int) -> int:
     return cached_graphs() + 8 + 2 * n_configs
 
 
-def run_sweep(
+def measure_configs(
     configs: Iterable[BenchConfig],
     on_result: Callable[[Result], None] | None = None,
     progress: bool = True,

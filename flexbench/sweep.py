@@ -29,22 +29,16 @@ from flexbench import (
     history,
     measure,
     mlflow_view,
-    patience,
     precompile,
     report,
     repro,
     schema,
     tracking,
 )
-from flexbench.config import (
-    BenchConfig,
-    configs_from_file,
-    device_sizes,
-    expand_sweep,
-    peak_bytes,
-    shard,
-)
+from flexbench.config import BenchConfig, peak_bytes, shard
 from flexbench.record import RunRecord
+from flexbench.spec import SweepSpec
+from flexbench.tracking_settings import TrackingSettings
 
 
 @dataclass
@@ -90,75 +84,14 @@ def new_sweep_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def configs_from_args(
-    batch: Sequence[int],
-    heads: Sequence[int],
-    seq_lens: Sequence[int],
-    head_dims: Sequence[int],
-    score_mods: Sequence[str],
-    dtypes: Sequence[str],
-    kv_heads: Sequence[int] = (),
-    kv_lens: Sequence[int] = (),
-    decode: bool = False,
-    flex_backends: Sequence[str] = ("auto",),
-    **common: object,
-) -> tuple[list[BenchConfig], dict[str, object]]:
-    """The configs a `run`/`tune` command line names, and those arguments under their MLflow
-    param names (`mods`, `b`, `nh`, ..., `common` as given, `configs`: how many) for
-    `sweep_params`; `baselines` is named `baseline` as its flag. --decode: q_len 1 against
-    kv_len (--kv-len, else -s). ValueError on a bad combination."""
-    renamed = {"baseline" if k == "baselines" else k: v for k, v in common.items()}
-    named = dict(
-        mods=score_mods,
-        b=batch,
-        nh=heads,
-        s=seq_lens,
-        d=head_dims,
-        dtype=dtypes,
-        kv_heads=kv_heads,
-        kv_len=kv_lens,
-        decode=decode,
-        flex_backend=flex_backends,
-        **renamed,
-    )
-    if decode:
-        seq_lens, kv_lens = [1], list(kv_lens) or list(seq_lens)
-    if common.get("reference") and len(score_mods) != 1:
-        raise ValueError(
-            f"--reference is the reference of one mod, got {len(score_mods)} in -mods; "
-            "measure one mod, or attach fn.reference to each mod instead"
-        )
-    empty = [k for k in ("b", "nh", "s", "d", "mods", "dtype") if not list(named[k])]
-    if empty:
-        raise ValueError(f"empty list for {', '.join(empty)}: give at least one value")
-    configs = expand_sweep(
-        batch,
-        heads,
-        seq_lens,
-        head_dims,
-        score_mods,
-        dtypes,
-        kv_heads=list(kv_heads) or [None],
-        kv_lens=list(kv_lens) or [None],
-        flex_backends=list(flex_backends) or ["auto"],
-        **common,
-    )
-    return configs, {**named, "configs": len(configs)}
-
-
-def run_sweep(
+def measure_and_track(
     configs: Sequence[BenchConfig],
-    experiment: str = "flexbench",
-    tracking_uri: str | None = None,
-    journal: str | None = None,
-    resume: bool = False,
-    sweep_id: str | None = None,
-    run_name: str | None = None,
+    track: TrackingSettings | None = None,
+    *,
     sweep_params: dict[str, str] | None = None,
     progress: bool = True,
     warn: Callable[[str], None] = print,
     on_result: Callable[[dict], None] | None = None,
-    tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
     compile_workers: int = 0,
     compile_cache: str | None = None,
 ) -> Outcome:
@@ -172,18 +105,18 @@ def run_sweep(
     (`Outcome.interrupted`). ValueError for a name or URI MLflow would refuse.
     """
     start = time.perf_counter()
-    sweep_id = sweep_id or new_sweep_id()
-    check_tracking(experiment, run_name or f"sweep {sweep_id}", tracking_uri)
+    track = track or TrackingSettings()
+    experiment, sweep_id = track.experiment, track.sweep_id or new_sweep_id()
+    run_name = track.run_name or f"sweep {sweep_id}"
+    check_tracking(track, run_name)
     device = configs[0].device if configs else "cpu"
-    tracker, tags = connect(experiment, tracking_uri, journal, device, tracking_timeout, warn)
-    out = Outcome(sweep_id, journal=str(tracker.journal.path), uri=_hint_uri(tracking_uri))
-    configs = _resume(configs, tracker, tags, out, warn) if resume else list(configs)
+    tracker, tags = connect(track, device, warn)
+    out = Outcome(sweep_id, journal=str(tracker.journal.path), uri=_hint_uri(track.tracking_uri))
+    configs = _resume(configs, tracker, tags, out, warn) if track.resume else list(configs)
     if not configs:
         return _nothing_to_do(out, warn, start)
     out.planned = len(configs)
-    sweep = tracking.sweep_entry(
-        out.sweep_id, experiment, sweep_params, tags, run_name or f"sweep {out.sweep_id}"
-    )
+    sweep = tracking.sweep_entry(out.sweep_id, experiment, sweep_params, tags, run_name)
     tracker.start({**sweep, "planned": len(configs)})
     warn_offline(tracker, out, warn)
     last = [sweep["start_ms"]]
@@ -207,7 +140,7 @@ def run_sweep(
         phases["tracking"] += time.perf_counter() - start_log
 
     with stoppable() as stopped, precompile.compile_cache(compile_cache, warn):
-        measure.run_sweep(configs, log_result, progress, compile_workers=compile_workers)
+        measure.measure_configs(configs, log_result, progress, compile_workers=compile_workers)
     out.interrupted = stopped[0] if stopped else ""
     tracker.drain()
     phases["tracking"] += tracker.tracking_s
@@ -238,10 +171,10 @@ def phase_metrics(phases: dict[str, float]) -> dict[str, float]:
     return {f"phase_{name}_s": phases.get(name, 0.0) for name in PHASES}
 
 
-def check_tracking(experiment: str, run_name: str, tracking_uri: str | None) -> None:
+def check_tracking(track: TrackingSettings, run_name: str) -> None:
     """ValueError (one line) for a name or tracking URI MLflow would refuse."""
-    tracking.check_names(experiment, run_name)
-    tracking.check_uri(tracking.resolve_uri(tracking_uri))
+    tracking.check_names(track.experiment, run_name)
+    tracking.check_uri(tracking.resolve_uri(track.tracking_uri))
 
 
 def _hint_uri(tracking_uri: str | None) -> str:
@@ -319,18 +252,12 @@ def _resume(
 
 
 def connect(
-    experiment: str,
-    tracking_uri: str | None,
-    journal: str | None,
-    device: str,
-    timeout_s: float = patience.DEFAULT_TIMEOUT_S,
-    warn: Callable[[str], None] | None = None,
+    track: TrackingSettings, device: str, warn: Callable[[str], None] | None = None
 ) -> tuple[tracking.Tracker, dict[str, str]]:
     """A Tracker that has tried to reach the server (offline if not), and the env tags;
-    `timeout_s` is how long one tracking step may wait on a busy server. `warn` hears of runs
-    a failed `mlflow run` had left RUNNING, now closed."""
-    uri = tracking.resolve_uri(tracking_uri)
-    tracker = tracking.Tracker(uri, experiment, tracking.Journal(journal), timeout_s=timeout_s)
+    `track.tracking_timeout` is how long one tracking step may wait on a busy server. `warn`
+    hears of runs a failed `mlflow run` had left RUNNING, now closed."""
+    tracker = tracker_of(track)
     tags = env.capture(device)
     tracker.connect()
     if tracker.closed and warn is not None:
@@ -339,6 +266,13 @@ def connect(
             f"RUNNING ({', '.join(tracker.closed)}) as FAILED, tag {schema.CLOSED_TAG}"
         )
     return tracker, tags
+
+
+def tracker_of(track: TrackingSettings) -> tracking.Tracker:
+    """A (not yet connected) Tracker for these settings."""
+    uri = tracking.resolve_uri(track.tracking_uri)
+    journal = tracking.Journal(track.journal)
+    return tracking.Tracker(uri, track.experiment, journal, timeout_s=track.tracking_timeout)
 
 
 def warn_offline(
@@ -357,132 +291,49 @@ def warn_offline(
 
 
 def run(
-    batch: Sequence[int] = (),
-    heads: Sequence[int] = (),
-    seq_lens: Sequence[int] = (),
-    head_dims: Sequence[int] = (),
-    score_mods: Sequence[str] = ("noop", "causal", "rel", "head_bias"),
-    dtypes: Sequence[str] = (),
-    kv_heads: Sequence[int] = (),
-    kv_lens: Sequence[int] = (),
-    decode: bool = False,
-    calculate_bwd: bool = False,
-    dynamic: bool = False,
-    max_autotune: bool = False,
-    kernel_options: str = "",
-    device: str = "cuda",
-    timer: str = "auto",
-    regime: str = "auto",
-    max_noise: float | None = None,
-    min_samples: int = 10,
-    max_time: float | None = None,
-    throttle_threshold: float = 0.9,
-    baselines: str = "sdpa",
-    flex_backends: Sequence[str] = ("auto",),
-    align: str = "end",
-    reference: str = "",
-    experiment: str = "flexbench",
-    tracking_uri: str | None = None,
-    tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
-    run_name: str | None = None,
-    resume: bool = False,
-    journal: str | None = None,
-    sweep_id: str | None = None,
-    quiet: bool = False,
-    warn: Callable[[str], None] | None = None,
+    spec: SweepSpec | None = None,
+    tracking: TrackingSettings | None = None,
+    *,
     shard: tuple[int, int] | None = None,
     gpus: Sequence[int] | str | None = None,
-    config_file: str | None = None,
     compile_workers: int | str | None = precompile.AUTO,
     compile_cache: str | None = None,
+    quiet: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> Outcome:
-    """`flexbench run`: expand the sweep, or read the configs of `config_file` (ValueError on
-    bad input), check the device (RuntimeError), then measure and track it: all of it, its
-    `shard` (I, N) slice, or that slice spread over local `gpus` (ids or "all"), one worker
-    process per GPU; each measuring process with `compile_workers` compile workers (a count
-    or auto).
+    """`flexbench run`: expand `spec` (ValueError on bad input), check the device
+    (RuntimeError), then measure and track it as `tracking` says: all of it, its `shard`
+    (I, N) slice, or that slice spread over local `gpus` (ids or "all"), one worker process
+    per GPU; each measuring process with `compile_workers` compile workers (a count or auto).
 
-    `device` "auto" is cuda when there is one (or `gpus`), else cpu. Sizes and dtypes left
-    empty take the device's defaults (`config.SIZE_DEFAULTS`: the seed's sweep on CUDA, one
-    small float32 shape on CPU); a CPU sweep first says its size and memory per config."""
+    Device "auto" (the spec's default) is cuda when there is one (or `gpus`), else cpu. Sizes
+    and dtypes left empty take the device's defaults (`config.SIZE_DEFAULTS`: the seed's sweep
+    on CUDA, one small float32 shape on CPU); a CPU sweep first says its size and memory per
+    config."""
     warn = warn or warn_stderr
-    auto = device == "auto"
-    device = resolve_device(device, gpus)
+    spec, track = spec or SweepSpec(), tracking or TrackingSettings()
+    auto = spec.device == "auto"
+    spec = spec.resolved(gpus)
     gpu_ids = visible_gpus(gpus) if gpus else []
-    if gpu_ids and device != "cuda":
+    if gpu_ids and spec.device != "cuda":
         raise ValueError("--gpus runs one CUDA worker per GPU; drop --device cpu")
     if gpu_ids and compile_cache:
         raise ValueError("--compile-cache is for one measuring process; drop it or --gpus")
-    measure.check_runtime(device, calculate_bwd)
-    given = dict(batch=batch, heads=heads, seq_lens=seq_lens, head_dims=head_dims, dtypes=dtypes)
-    sizes, filled = device_sizes(device, **given)
-    common = dict(
-        calculate_bwd=calculate_bwd,
-        dynamic=dynamic,
-        max_autotune=max_autotune,
-        kernel_options=kernel_options,
-        device=device,
-        timer=timer,
-        regime=regime,
-        max_noise=max_noise,
-        min_samples=min_samples,
-        max_time=max_time,
-        throttle_threshold=throttle_threshold,
-        baselines=baselines,
-        align=align,
-        reference=reference,
-    )
-    if config_file:
-        filled = []
-        configs, sha = configs_from_file(config_file, **common)
-        configs = [replace(c, flex_backend=b) for c in configs for b in flex_backends or ["auto"]]
-        args = {"config_file": config_file, "config_sha": sha, **common, "configs": len(configs)}
-        args["baseline"] = args.pop("baselines")
-    else:
-        configs, args = configs_from_args(
-            sizes["batch"],
-            sizes["heads"],
-            sizes["seq_lens"],
-            sizes["head_dims"],
-            score_mods,
-            sizes["dtypes"],
-            kv_heads,
-            kv_lens,
-            decode,
-            flex_backends,
-            **common,
-        )
+    measure.check_runtime(spec.device, bool(spec.setting("calculate_bwd")))
+    filled = spec.size_defaults()
+    configs, args = spec.expand()
     workers = precompile.resolve_workers(compile_workers, configs, len(gpu_ids) or 1)
     params = sweep_params(**args, compile_workers=workers, compile_cache=compile_cache or "")
-    sweep_id = sweep_id or new_sweep_id()
-    check_tracking(experiment, run_name or f"sweep {sweep_id}", tracking_uri)
-    line = plan_line(configs, device, filled, auto)
+    track = replace(track, sweep_id=track.sweep_id or new_sweep_id())
+    check_tracking(track, track.run_name or f"sweep {track.sweep_id}")
+    line = plan_line(configs, spec.device, filled, auto)
     if line:
         warn(line)
-    track = {
-        "experiment": experiment,
-        "tracking_uri": tracking_uri,
-        "tracking_timeout": tracking_timeout,
-        "journal": journal,
-        "resume": resume,
-        "sweep_id": sweep_id or new_sweep_id(),
-        "run_name": run_name,
-        "compile_workers": workers,
-        "compile_cache": compile_cache,
-    }
-    return run_parts(configs, params, track, shard, gpu_ids, not quiet, warn)
+    compiling = {"compile_workers": workers, "compile_cache": compile_cache}
+    return run_parts(configs, params, track, shard, gpu_ids, not quiet, warn, compiling)
 
 
 LARGE_CPU_BYTES = 2**30  # a CPU sweep this big per config says so up front
-
-
-def resolve_device(device: str, gpus: Sequence[int] | str | None = None) -> str:
-    """`auto`: cuda when torch sees a GPU (or `gpus` asks for CUDA workers), else cpu."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if gpus or torch.cuda.is_available() else "cpu"
 
 
 def plan_line(
@@ -516,28 +367,34 @@ def human_bytes(n: float) -> str:
 def run_parts(
     configs: Sequence[BenchConfig],
     params: dict[str, str],
-    track: dict,
+    track: TrackingSettings,
     part: tuple[int, int] | None,
     gpus: Sequence[str],
     progress: bool,
     warn: Callable[[str], None],
+    compiling: dict | None = None,
 ) -> Outcome:
     """Measure the whole sweep here, its `part` (I, N) slice, or that slice spread over local
-    `gpus` (CUDA_VISIBLE_DEVICES values). `track` holds run_sweep's tracking arguments."""
+    `gpus` (CUDA_VISIBLE_DEVICES values). `track.sweep_id` must be set; `compiling` holds
+    measure_and_track's compile_workers and compile_cache."""
+    compiling = compiling or {}
     if part:
-        configs = shard_of(configs, part, track["sweep_id"], warn)
+        configs = shard_of(configs, part, track.sweep_id, warn)
     if gpus:
-        return run_on_gpus(configs, gpus, track, params, part or (0, 1), warn)
+        workers = compiling.get("compile_workers", 0)
+        return run_on_gpus(configs, gpus, track, params, part or (0, 1), warn, workers)
     if part:
         label = f"{part[0]}/{part[1]}"
         params = {**params, "shard": label}
-        track = {**track, "run_name": part_name(track, label)}
-    return run_sweep(configs, **track, sweep_params=params, progress=progress, warn=warn)
+        track = replace(track, run_name=part_name(track, label))
+    return measure_and_track(
+        configs, track, sweep_params=params, progress=progress, warn=warn, **compiling
+    )
 
 
-def part_name(track: dict, label: str) -> str:
+def part_name(track: TrackingSettings, label: str) -> str:
     """`sweep 3f2a9c1b7e4d shard 1/4` (or the --run-name with the shard)."""
-    return f"{track['run_name'] or 'sweep ' + track['sweep_id']} shard {label}"
+    return f"{track.run_name or 'sweep ' + str(track.sweep_id)} shard {label}"
 
 
 def shard_of(
@@ -577,20 +434,22 @@ def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
 def run_on_gpus(
     configs: Sequence[BenchConfig],
     devices: Sequence[str],
-    track: dict,
+    track: TrackingSettings,
     params: dict[str, str],
     part: tuple[int, int] = (0, 1),
     warn: Callable[[str], None] | None = None,
+    compile_workers: int = 0,
 ) -> Outcome:
     """One worker process per device (CUDA_VISIBLE_DEVICES=device) on its round-robin slice of
-    `configs`, all under `track["sweep_id"]`; waits for all, returns their union.
+    `configs`, all under `track.sweep_id`, each with `compile_workers`; waits for all, returns
+    their union.
 
     `part` (I, N) is this host's shard, so worker k records shard I + N*k of N*len(devices).
     """
     start, warn = time.perf_counter(), warn or warn_stderr
-    check_tracking(track["experiment"], part_name(track, "0/0"), track["tracking_uri"])
-    out = Outcome(track["sweep_id"], journal=str(tracking.journal_path(track["journal"])))
-    out.planned, out.uri = len(configs), _hint_uri(track["tracking_uri"])
+    check_tracking(track, part_name(track, "0/0"))
+    out = Outcome(str(track.sweep_id), journal=str(tracking.journal_path(track.journal)))
+    out.planned, out.uri = len(configs), _hint_uri(track.tracking_uri)
     warn(f"sweep {out.sweep_id}: {len(configs)} configs over GPUs {','.join(devices)}")
     prepare_store(track)
     with tempfile.TemporaryDirectory(prefix="flexbench-gpus-") as tmp:
@@ -599,7 +458,8 @@ def run_on_gpus(
             mine = shard(configs, k, len(devices))
             if mine:
                 index, count = part[0] + part[1] * k, part[1] * len(devices)
-                job = _job(mine, track, params, index, count, device)
+                job = _job(mine, track, params, f"{index}/{count}", device)
+                job["compile_workers"] = compile_workers
                 workers.append(_spawn(Path(tmp) / f"worker{k}", job, device, warn))
         for device, proc, result in workers:
             _collect(out, device, proc.wait(), result)
@@ -609,32 +469,24 @@ def run_on_gpus(
     return out
 
 
-def prepare_store(track: dict) -> None:
+def prepare_store(track: TrackingSettings) -> None:
     """Create the tracking store and the experiment once, before workers race to do it (two
     processes initialising a new SQLite store fail with 'duplicate column name')."""
-    uri = tracking.resolve_uri(track["tracking_uri"])
-    journal = tracking.Journal(track["journal"])
-    timeout_s = track.get("tracking_timeout", patience.DEFAULT_TIMEOUT_S)
-    tracking.Tracker(uri, track["experiment"], journal, timeout_s=timeout_s).connect()
+    tracker_of(track).connect()
 
 
 def _job(
     mine: list[BenchConfig],
-    track: dict,
+    track: TrackingSettings,
     params: dict[str, str],
-    index: int,
-    count: int,
+    label: str,
     device: str,
 ) -> dict:
-    """What one worker needs: its configs and the sweep's tracking settings."""
-    label = f"{index}/{count}"
+    """What one worker needs: its configs, the sweep's tracking settings and params."""
     return {
         "configs": [c.identity() for c in mine],
-        "track": {
-            **track,
-            "run_name": part_name(track, label),
-            "sweep_params": {**params, "shard": label, "cuda_visible_devices": device},
-        },
+        "track": asdict(replace(track, run_name=part_name(track, label))),
+        "sweep_params": {**params, "shard": label, "cuda_visible_devices": device},
     }
 
 
@@ -676,8 +528,13 @@ def worker(job_path: str, result_path: str) -> int:
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     configs = [BenchConfig(**c) for c in job["configs"]]
     prefix = f"[gpu {os.environ.get('FLEXBENCH_WORKER', '?')}] "
-    outcome = run_sweep(
-        configs, **job["track"], progress=False, warn=lambda m: warn_stderr(prefix + m)
+    outcome = measure_and_track(
+        configs,
+        TrackingSettings(**job["track"]),
+        sweep_params=job["sweep_params"],
+        compile_workers=job.get("compile_workers", 0),
+        progress=False,
+        warn=lambda m: warn_stderr(prefix + m),
     )
     Path(result_path).write_text(json.dumps(asdict(outcome)), encoding="utf-8")
     return 0

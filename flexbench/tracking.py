@@ -602,10 +602,11 @@ class Tracker:
     _pending: list[Future] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _call(self, fn, *args, again=None) -> object:
-        """Run one tracking step; on failure remember why and go offline. A busy server (slow
-        answers, 429/5xx) is tried again with backoff for up to `timeout_s`, then with
-        `again` (default `fn`): a form of the step that is safe to repeat."""
+    def step(self, fn, *args, again=None) -> object:
+        """Run one tracking step (e.g. `start_nested_run`): its result, or None once offline.
+        On failure remember why and go offline. A busy server (slow answers, 429/5xx) is tried
+        again with backoff for up to `timeout_s`, then with `again` (default `fn`): a form of
+        the step that is safe to repeat."""
         if self.offline:
             return None
         start = time.perf_counter()
@@ -643,7 +644,7 @@ class Tracker:
             else:
                 self.exp_id = experiment_id(self.client, self.experiment)
 
-        self._call(go)
+        self.step(go)
         if not self.offline:
             self._close_leftovers()
         return not self.offline
@@ -660,7 +661,7 @@ class Tracker:
     def resume_keys(self, env: dict[str, str]) -> set[str]:
         """Config keys measured on this stack: FINISHED on the server (when reachable) or
         journalled and not yet synced there (so `sync` never adds a second run of them)."""
-        keys = self._call(resume_keys, self.client, self.exp_id, env) or set()
+        keys = self.step(resume_keys, self.client, self.exp_id, env) or set()
         entries = self.journal.entries()
         return set(keys) | journal_keys(entries, self.experiment, env, target_id(self.uri))
 
@@ -670,7 +671,7 @@ class Tracker:
         sweep = {**sweep, "run_id": self.run_id or None}
         self._sweep = sweep
         self.journal.append({"type": "sweep", **sweep})
-        run_id = self._call(start_sweep_run, self.client, self.exp_id, sweep)
+        run_id = self.step(start_sweep_run, self.client, self.exp_id, sweep)
         if run_id:
             self.run_id = run_id
 
@@ -729,7 +730,7 @@ class Tracker:
     def _log_marked(self, record: RunRecord, parent: str | None = None) -> str | None:
         """Log a journalled result as a child run and mark it synced; None when offline."""
         args = (self.client, self.exp_id, parent or self.run_id, record)
-        run_id = self._call(log_child, *args, again=log_child_once)
+        run_id = self.step(log_child, *args, again=log_child_once)
         if run_id:
             mark = {"record_id": record.record_id, "target": target_id(self.uri)}
             self.write({"type": "synced", **mark, "run_id": run_id})
@@ -745,11 +746,6 @@ class Tracker:
             self._pool.shutdown()
             self._pool = None
         self.tracking_s += time.perf_counter() - start
-
-    def call(self, fn, *args) -> object:
-        """One more tracking step (e.g. `start_nested_run`) with this tracker's failure handling:
-        its result, or None once offline."""
-        return self._call(fn, *args)
 
     def finish(
         self,
@@ -772,7 +768,7 @@ class Tracker:
             args = (self.client, self.run_id, artifacts(), terminate, None, failed, metrics)
             finish_sweep_run(*args, status)
 
-        self._call(finish)
+        self.step(finish)
         if not self.offline:
             mark = {"part_id": self._sweep["part_id"], "target": target_id(self.uri)}
             self.write({"type": "finished", **mark, "run_id": self.run_id})

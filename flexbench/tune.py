@@ -42,9 +42,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flexbench import artifacts, measure, mods, patience, report, repro, schema, sweep, tracking
+from flexbench import artifacts, measure, mods, report, repro, schema, sweep, tracking
 from flexbench.config import KERNEL_OPTION_TYPES, BenchConfig, with_options
 from flexbench.record import RunRecord
+from flexbench.spec import SweepSpec
+from flexbench.tracking_settings import TrackingSettings
 
 DEFAULT_GRID: dict[str, list] = {
     "BLOCK_M": [32, 64, 128],
@@ -314,14 +316,14 @@ class Session:
             start_ms=self.last_ms,  # when this config's first candidate started
         )
         t = self.tracker
-        self.tune_run = t.call(tracking.start_nested_run, t.client, t.exp_id, t.run_id, run)
+        self.tune_run = t.step(tracking.start_nested_run, t.client, t.exp_id, t.run_id, run)
         for cand in p.skipped:
             config = cand.config
             record = RunRecord(config.config_key(), "", config.params(), status="KILLED")
             entry = self._entry(p, cand, record, self.last_ms, self.last_ms)
             entry = entry.with_run(kind="skipped")
             if self.tune_run:
-                t.call(tracking.log_child, t.client, t.exp_id, self.tune_run, entry)
+                t.step(tracking.log_child, t.client, t.exp_id, self.tune_run, entry)
             self.out.skipped.append(entry.to_journal())
             self.entries.append(entry)
 
@@ -338,7 +340,7 @@ class Session:
         """Stopped mid-config: its tune run ends KILLED (its candidates so far are logged)."""
         if self.open and self.tune_run:
             t = self.tracker
-            t.call(tracking.end_run, t.client, self.tune_run, {}, {}, "KILLED", sweep.now_ms())
+            t.step(tracking.end_run, t.client, self.tune_run, {}, {}, "KILLED", sweep.now_ms())
 
     def end(self, p: Plan) -> None:
         """Default vs best: the best tag, and the tune run's metrics."""
@@ -348,7 +350,7 @@ class Session:
         self.out.results.append(result)
         t = self.tracker
         if result["best_run_id"]:
-            t.call(tracking.set_tags, t.client, result["best_run_id"], {schema.BEST_TAG: "true"})
+            t.step(tracking.set_tags, t.client, result["best_run_id"], {schema.BEST_TAG: "true"})
         if not self.tune_run:
             return
         tags = {schema.BEST_CANDIDATE_TAG: result["best"] or ""}
@@ -357,7 +359,7 @@ class Session:
             tags[schema.ERROR_TAG] = "no candidate passed"
         status = "FINISHED" if result["best_us"] is not None else "FAILED"
         end = sweep.now_ms()
-        t.call(tracking.end_run, t.client, self.tune_run, tune_metrics(result), tags, status, end)
+        t.step(tracking.end_run, t.client, self.tune_run, tune_metrics(result), tags, status, end)
 
 
 def _plans_in_order(plans: Sequence[Plan]) -> Iterator[tuple[Plan, Candidate, bool, bool]]:
@@ -370,30 +372,26 @@ def _plans_in_order(plans: Sequence[Plan]) -> Iterator[tuple[Plan, Candidate, bo
 
 def tune_sweep(
     plans: Sequence[Plan],
-    experiment: str = "flexbench",
-    tracking_uri: str | None = None,
-    journal: str | None = None,
-    run_name: str | None = None,
+    track: TrackingSettings | None = None,
+    *,
     sweep_params: dict[str, str] | None = None,
     progress: bool = True,
     warn: Callable[[str], None] = print,
-    tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
 ) -> TuneOutcome:
-    """Measure every plan's candidates (one `measure.run_sweep`, so compiled callables are
-    shared), log them as described in the module docstring, tag each config's best."""
+    """Measure every plan's candidates (one `measure.measure_configs`, so compiled callables
+    are shared), log them as described in the module docstring, tag each config's best."""
     start = time.perf_counter()
-    tracking.check_names(experiment, run_name or "tune " + sweep.new_sweep_id())
-    tracking.check_uri(tracking.resolve_uri(tracking_uri))
+    track = track or TrackingSettings()
+    if track.resume:
+        raise ValueError("tune measures every candidate again: it has no resume")
+    sweep_id = track.sweep_id or sweep.new_sweep_id()
+    run_name = track.run_name or f"tune {sweep_id}"
+    sweep.check_tracking(track, run_name)
     device = plans[0].base.device if plans else "cpu"
-    tracker, tags = sweep.connect(experiment, tracking_uri, journal, device, tracking_timeout, warn)
-    out = TuneOutcome(sweep.new_sweep_id(), journal=str(tracker.journal.path))
-    entry = tracking.sweep_entry(
-        out.sweep_id,
-        experiment,
-        sweep_params,
-        {**tags, schema.COMMAND_TAG: "tune"},
-        run_name or f"tune {out.sweep_id}",
-    )
+    tracker, tags = sweep.connect(track, device, warn)
+    out = TuneOutcome(sweep_id, journal=str(tracker.journal.path))
+    tags_ = {**tags, schema.COMMAND_TAG: "tune"}
+    entry = tracking.sweep_entry(out.sweep_id, track.experiment, sweep_params, tags_, run_name)
     tracker.start(entry)
     session = Session(tracker, entry, tags, out)
     order = _plans_in_order(plans)
@@ -409,7 +407,7 @@ def tune_sweep(
 
     configs = [cand.config for p in plans for cand in p.measured]
     with sweep.stoppable() as stopped:
-        measure.run_sweep(configs, on_result, progress=progress)
+        measure.measure_configs(configs, on_result, progress=progress)
     out.interrupted = stopped[0] if stopped else ""
     if out.interrupted:
         session.stop()
@@ -417,7 +415,7 @@ def tune_sweep(
     records = [RunRecord.from_journal(e) for e in out.records]
     tracker.finish(lambda: artifacts.for_sweep(records), failed=out.unsolved, status=status)
     if not tracker.offline and tracker.run_id:
-        tracker.call(tracker.client.log_text, tracker.run_id, tune_markdown(out), "tune.md")
+        tracker.step(tracker.client.log_text, tracker.run_id, tune_markdown(out), "tune.md")
     _warn_offline(tracker, out, warn)
     out.run_id, out.wall_s = tracker.run_id, time.perf_counter() - start
     return out
@@ -432,61 +430,22 @@ def _warn_offline(tracker: tracking.Tracker, out: TuneOutcome, warn: Callable) -
 
 
 def run(
-    batch: Sequence[int] = (8,),
-    heads: Sequence[int] = (16,),
-    seq_lens: Sequence[int] = (4096,),
-    head_dims: Sequence[int] = (128,),
-    score_mods: Sequence[str] = ("noop", "causal"),
-    dtypes: Sequence[str] = ("bfloat16",),
-    kv_heads: Sequence[int] = (),
-    kv_lens: Sequence[int] = (),
-    decode: bool = False,
-    calculate_bwd: bool = False,
-    dynamic: bool = False,
-    device: str = "cuda",
-    timer: str = "auto",
-    regime: str = "auto",
-    max_noise: float | None = None,
-    min_samples: int = 10,
-    max_time: float | None = None,
-    throttle_threshold: float = 0.9,
-    align: str = "end",
+    spec: SweepSpec | None = None,
+    tracking: TrackingSettings | None = None,
     grid: str | dict | None = None,
     autotune: bool = True,
-    experiment: str = "flexbench",
-    tracking_uri: str | None = None,
-    tracking_timeout: float = patience.DEFAULT_TIMEOUT_S,
-    run_name: str | None = None,
-    journal: str | None = None,
+    *,
     quiet: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> TuneOutcome:
-    """`flexbench tune`: expand the configs as `run` does, plan each one's candidates
-    (ValueError on bad input), check the device (RuntimeError), then measure and log."""
-    measure.check_runtime(device, calculate_bwd)
+    """`flexbench tune`: expand `spec` as `run` does (its kernel_options and max_autotune are
+    what tune varies), plan each config's candidates over `grid` (ValueError on bad input),
+    check the device (RuntimeError), then measure and log as `tracking` says."""
+    spec = (spec or SweepSpec()).resolved()
+    measure.check_runtime(spec.device, bool(spec.setting("calculate_bwd")))
     grid_ = parse_grid(grid)
-    configs, args = sweep.configs_from_args(
-        batch,
-        heads,
-        seq_lens,
-        head_dims,
-        score_mods,
-        dtypes,
-        kv_heads,
-        kv_lens,
-        decode,
-        calculate_bwd=calculate_bwd,
-        dynamic=dynamic,
-        device=device,
-        timer=timer,
-        regime=regime,
-        max_noise=max_noise,
-        min_samples=min_samples,
-        max_time=max_time,
-        throttle_threshold=throttle_threshold,
-        align=align,
-    )
-    smem = smem_limit(device)
+    configs, args = spec.expand()
+    smem = smem_limit(spec.device)
     plans = [plan(c, grid_, autotune, smem) for c in configs]
     params = sweep.sweep_params(
         command="tune",
@@ -497,14 +456,10 @@ def run(
     )
     return tune_sweep(
         plans,
-        experiment,
-        tracking_uri,
-        journal,
-        run_name,
-        params,
+        tracking,
+        sweep_params=params,
         progress=not quiet,
         warn=warn or sweep.warn_stderr,
-        tracking_timeout=tracking_timeout,
     )
 
 

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from flexbench import baselines, compare, kernels, measure, query, report, schema, sweep
 from flexbench.config import BenchConfig
 from flexbench.record import RunRecord
+from flexbench.tracking_settings import TrackingSettings
 from tests.test_report import flexbench, log_sweep, record_of
 
 CPU = dict(batch=1, heads=2, head_dim=16, device="cpu")
@@ -33,9 +34,11 @@ EXPERIMENT = "baselines"
 @pytest.fixture(scope="module")
 def swept(mlflow_server, tmp_path_factory):
     journal = tmp_path_factory.mktemp("journal") / "journal.jsonl"
-    out = sweep.run_sweep(
-        [CAUSAL, SOFTCAP, REL_BF16], EXPERIMENT, mlflow_server.uri, str(journal),
-        progress=False, warn=print,
+    out = sweep.measure_and_track(
+        [CAUSAL, SOFTCAP, REL_BF16],
+        TrackingSettings(EXPERIMENT, mlflow_server.uri, str(journal)),
+        progress=False,
+        warn=print,
     )
     assert out.offline is None and out.failed == 0, [r["error"] for r in out.records]
     return {r["params"]["score_mod"]: r for r in out.records} | {"outcome": out}

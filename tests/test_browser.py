@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from flexbench import mlflow_view, sweep
-from flexbench.config import expand_sweep
+from flexbench.spec import SweepSpec
+from flexbench.tracking_settings import TrackingSettings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -39,10 +40,13 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chro
 @pytest.fixture(scope="module")
 def ui_sweep(mlflow_server, tmp_path_factory):
     """A real tiny CPU sweep (noop, causal) in its own experiment."""
-    configs = expand_sweep([1], [2], [128], [16], ["noop", "causal"], ["float32"], device="cpu")
+    spec = SweepSpec([1], [2], [128], [16], ["noop", "causal"], ["float32"], device="cpu")
+    configs = spec.configs()
     journal = tmp_path_factory.mktemp("journal") / "journal.jsonl"
-    out = sweep.run_sweep(
-        configs, EXPERIMENT, mlflow_server.uri, str(journal), run_name="ui sweep", progress=False
+    out = sweep.measure_and_track(
+        configs,
+        TrackingSettings(EXPERIMENT, mlflow_server.uri, str(journal), run_name="ui sweep"),
+        progress=False,
     )
     assert out.offline is None and out.failed == 0
     return out

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from flexbench.config import BenchConfig, configs_from_file, expand_sweep, shard, with_options
+from flexbench.config import BenchConfig, configs_from_file, shard, with_options
+from flexbench.spec import SweepSpec
 from tests.test_cli import run_main
 
 SMALL = dict(batch=2, heads=4, q_len=128, head_dim=16, dtype="float32", device="cpu")
@@ -114,15 +115,15 @@ def seed_generate_experiment_configs(dtypes, batch_sizes, num_heads, seq_lens, h
     ]
 
 
-def test_expand_sweep_matches_the_seeds_order_and_count():
+def test_sweep_spec_matches_the_seeds_order_and_count():
     axes = dict(
         batch_sizes=[1, 2], num_heads=[4, 8], seq_lens=[128, 256, 512], head_dims=[16, 32],
         mods=["noop", "causal", "rel"], dtypes=["float32", "bfloat16"],
     )
-    configs = expand_sweep(
+    configs = SweepSpec(
         axes["batch_sizes"], axes["num_heads"], axes["seq_lens"], axes["head_dims"],
         axes["mods"], axes["dtypes"], device="cpu", calculate_bwd=False,
-    )
+    ).configs()
     assert len(configs) == 2 * 2 * 3 * 2 * 3 * 2
     got = [((c.batch, c.heads, c.q_len, c.head_dim), c.score_mod, c.dtype) for c in configs]
     assert got == seed_generate_experiment_configs(**axes)
@@ -130,15 +131,15 @@ def test_expand_sweep_matches_the_seeds_order_and_count():
     assert {c.device for c in configs} == {"cpu"} and len(set(configs)) == len(configs)
 
 
-def test_expand_sweep_adds_kv_heads_and_kv_lens_innermost():
-    configs = expand_sweep([1], [8], [1], [64], ["noop"], ["float16"],
-                           kv_heads=[8, 2], kv_lens=[256, 512], device="cpu")
+def test_sweep_spec_adds_kv_heads_and_kv_lens_innermost():
+    configs = SweepSpec([1], [8], [1], [64], ["noop"], ["float16"],
+                           kv_heads=[8, 2], kv_lens=[256, 512], device="cpu").configs()
     assert [(c.kv_heads, c.kv_len) for c in configs] == [(8, 256), (8, 512), (2, 256), (2, 512)]
 
 
-def test_expand_sweep_rejects_a_bad_value_with_the_field():
+def test_sweep_spec_rejects_a_bad_value_with_the_field():
     with pytest.raises(ValueError, match="^head_dim must be"):
-        expand_sweep([1], [2], [128], [0], ["noop"], device="cpu")
+        SweepSpec([1], [2], [128], [0], ["noop"], device="cpu").configs()
 
 
 REFERENCE = dict(batch=8, heads=16, q_len=4096, head_dim=128, score_mod="causal",
@@ -221,8 +222,8 @@ def test_params_are_the_contract_names_as_strings():
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 7, 13])
 def test_shards_are_disjoint_balanced_and_cover_the_sweep(count):
-    configs = expand_sweep([1, 2], [2, 4], [128, 256, 512], [16], ["noop", "causal"],
-                           device="cpu")
+    configs = SweepSpec([1, 2], [2, 4], [128, 256, 512], [16], ["noop", "causal"],
+                           device="cpu").configs()
     shards = [shard(configs, i, count) for i in range(count)]
     flat = [c for s in shards for c in s]
     assert sorted(flat, key=configs.index) == configs  # every config exactly once
@@ -352,7 +353,8 @@ def test_cpu_sized_defaults_and_the_first_line_of_a_cpu_sweep():
                      "dtypes": ["float32"]}
     assert filled == ["-b 1", "-nh 4", "-d 64", "-dtype float32"]
     assert device_sizes("cuda")[0] == SIZE_DEFAULTS["cuda"]
-    small = expand_sweep(*(sizes[k] for k in AXES), ["causal"], sizes["dtypes"], device="cpu")
+    small = SweepSpec(*(sizes[k] for k in AXES), ["causal"], sizes["dtypes"], device="cpu")
+    small = small.configs()
     line = sweep.plan_line(small, "cpu", filled, auto=True)
     assert line == (
         "no CUDA device here, running on CPU with CPU-sized defaults -b 1 -nh 4 -d 64 -dtype "
@@ -361,14 +363,15 @@ def test_cpu_sized_defaults_and_the_first_line_of_a_cpu_sweep():
     )
     # The seed's GPU sweep asked for on a CPU: it runs, after saying how big it is.
     gpu = SIZE_DEFAULTS["cuda"]
-    seed = expand_sweep(*(gpu[k] for k in AXES), ["noop", "causal"], gpu["dtypes"], device="cpu")
+    seed = SweepSpec(*(gpu[k] for k in AXES), ["noop", "causal"], gpu["dtypes"], device="cpu")
+    seed = seed.configs()
     assert sweep.plan_line(seed, "cpu", [], auto=False) == (
         "CPU sweep: 36 configs, forward only, each up to about 24.0 GB of memory "
         "(noop b16 h16 s4096 d128 bf16)"
     )
     assert sweep.plan_line(seed, "cuda", [], auto=True) == ""
-    assert sweep.plan_line(expand_sweep([1], [2], [128], [16], ["noop"], ["float32"],
-                                        device="cpu"), "cpu", [], auto=False) == ""
+    assert sweep.plan_line(SweepSpec([1], [2], [128], [16], ["noop"], ["float32"],
+                                        device="cpu").configs(), "cpu", [], auto=False) == ""
 
 
 AXES = ("batch", "heads", "seq_lens", "head_dims")

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from flexbench import artifacts, sweep, tracking
 from flexbench.cli import main
+from flexbench.tracking_settings import TrackingSettings
 from tests.test_tracking import children, dead_uri, runs_of_kind, tiny
 
 TINY = ["--device", "cpu", "-b", "1", "-nh", "2", "-s", "128", "-d", "16", "-dtype", "float32"]
@@ -48,11 +49,9 @@ def cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
 def offline(tmp_path_factory):
     """One offline sweep of noop: its journal lines (sweep entry, result entry)."""
     where = tmp_path_factory.mktemp("offline")
-    out = sweep.run_sweep(
+    out = sweep.measure_and_track(
         tiny("noop"),
-        "faults",
-        dead_uri(),
-        journal=str(where / "j.jsonl"),
+        TrackingSettings("faults", dead_uri(), journal=str(where / "j.jsonl")),
         progress=False,
         warn=lambda m: None,
     )
@@ -170,17 +169,17 @@ def test_bad_names_are_refused_before_measuring(capsys):
 def test_offline_then_resume_online_then_sync_gives_each_config_once(mlflow_server, tmp_path):
     journal = str(tmp_path / "j.jsonl")
     experiment = "resume-journal"
-    first = sweep.run_sweep(
-        tiny("noop"), experiment, dead_uri(), journal=journal, progress=False, warn=lambda m: None
+    first = sweep.measure_and_track(
+        tiny("noop"),
+        TrackingSettings(experiment, dead_uri(), journal=journal),
+        progress=False,
+        warn=lambda m: None,
     )
     assert first.exit_code == 1 and len(first.records) == 1
     warnings: list[str] = []
-    second = sweep.run_sweep(
+    second = sweep.measure_and_track(
         tiny("noop", "causal"),
-        experiment,
-        mlflow_server.uri,
-        journal=journal,
-        resume=True,
+        TrackingSettings(experiment, mlflow_server.uri, journal=journal, resume=True),
         progress=False,
         warn=warnings.append,
     )
@@ -192,12 +191,9 @@ def test_offline_then_resume_online_then_sync_gives_each_config_once(mlflow_serv
     assert config_keys(client, experiment) == sorted(c.config_key() for c in tiny("noop", "causal"))
 
     # a resume with nothing left creates no sweep run and says so
-    third = sweep.run_sweep(
+    third = sweep.measure_and_track(
         tiny("noop", "causal"),
-        experiment,
-        mlflow_server.uri,
-        journal=journal,
-        resume=True,
+        TrackingSettings(experiment, mlflow_server.uri, journal=journal, resume=True),
         progress=False,
         warn=warnings.append,
     )
@@ -218,12 +214,9 @@ def test_killed_between_journal_and_log_then_resume_and_sync_once(offline, mlflo
     tracker.start({**sweep_e, "planned": 2, "pid": os.getpid()})
     journal.append(result_e)  # ... and the process dies here
 
-    out = sweep.run_sweep(
+    out = sweep.measure_and_track(
         tiny("noop", "causal"),
-        experiment,
-        mlflow_server.uri,
-        journal=str(journal.path),
-        resume=True,
+        TrackingSettings(experiment, mlflow_server.uri, journal=str(journal.path), resume=True),
         progress=False,
         warn=lambda m: None,
     )
@@ -266,11 +259,9 @@ def test_journal_failing_mid_sweep_loses_nothing(mlflow_server, tmp_path, monkey
         link.symlink_to("/dev/full")
 
     warnings: list[str] = []
-    out = sweep.run_sweep(
+    out = sweep.measure_and_track(
         tiny("noop", "causal"),
-        "disk-full",
-        mlflow_server.uri,
-        journal=str(link),
+        TrackingSettings("disk-full", mlflow_server.uri, journal=str(link)),
         progress=False,
         warn=warnings.append,
         on_result=fill_disk,
@@ -299,11 +290,9 @@ def test_sigint_ends_the_sweep_run_killed_with_a_resume_line(mlflow_server, tmp_
     def interrupt(entry: dict) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
-    out = sweep.run_sweep(
+    out = sweep.measure_and_track(
         tiny("noop", "causal"),
-        "interrupted",
-        mlflow_server.uri,
-        journal=str(tmp_path / "j.jsonl"),
+        TrackingSettings("interrupted", mlflow_server.uri, journal=str(tmp_path / "j.jsonl")),
         progress=False,
         warn=lambda m: None,
         on_result=interrupt,

@@ -45,7 +45,7 @@ def sweep():
     seen = []
     with torch._dynamo.config.patch(OUTER):
         expected_limit = measure.default_recompile_limit(len(SWEEP))
-        results = measure.run_sweep(
+        results = measure.measure_configs(
             SWEEP, on_result=lambda r: seen.append((r, _dynamo_now())), progress=False
         )
         after = _dynamo_now()
@@ -132,7 +132,7 @@ def test_hitting_the_recompile_limit_fails_that_config_loudly(sweep):
     # second graph, which a limit of 1 forbids: without the hard failure it would run eager.
     bigger = with_options(CAUSAL, q_len=384)
     before = _dynamo_now()
-    cached, over = measure.run_sweep([CAUSAL, bigger], progress=False, recompile_limit=1)
+    cached, over = measure.measure_configs([CAUSAL, bigger], progress=False, recompile_limit=1)
     assert cached.ok, cached.error
     assert over.error.startswith("recompile limit (1) hit: torch.compile would fall back")
     assert "fwd_speedup" not in over.metrics
@@ -182,7 +182,7 @@ def test_gpu_warm_up_overlaps_the_first_compile_and_ends_before_kernels_and_timi
     monkeypatch.setattr(measure, "_first_calls", logged("compile", measure._first_calls, compiling))
     monkeypatch.setattr(kernels, "profile", logged("kernels", kernels.profile))
     monkeypatch.setattr(timing, "time_all", logged("timing", timing.time_all))
-    results = measure.run_sweep([CAUSAL, CAUSAL], progress=False)
+    results = measure.measure_configs([CAUSAL, CAUSAL], progress=False)
     assert [r.error for r in results] == [None, None]
     assert log.index("warm start") < log.index("compile") < log.index("warm end")
     assert log.index("warm end") < log.index("kernels") < log.index("timing")
@@ -198,7 +198,7 @@ def test_a_max_autotune_sweep_compiles_after_the_warm_up(monkeypatch):
         time.sleep(0.2), log.append("warm end")))
     monkeypatch.setattr(measure.Bench, "run", lambda self, c: (
         log.append("run"), measure.Result(c))[1])
-    measure.run_sweep([with_options(CAUSAL, max_autotune=True)], progress=False)
+    measure.measure_configs([with_options(CAUSAL, max_autotune=True)], progress=False)
     assert log == ["warm end", "run"]
 
 
@@ -241,7 +241,7 @@ def test_backward_on_cpu_is_refused_up_front():
     seen = []
     bwd = with_options(CAUSAL, calculate_bwd=True)
     with pytest.raises(RuntimeError, match="flex attention backward needs CUDA") as info:
-        measure.run_sweep([CAUSAL, bwd], on_result=seen.append, progress=False)
+        measure.measure_configs([CAUSAL, bwd], on_result=seen.append, progress=False)
     assert seen == [] and "\n" not in str(info.value)  # refused before any config ran
     measure.check_runtime("cpu", calculate_bwd=False)  # forward on CPU is fine
 
@@ -251,7 +251,7 @@ def test_cuda_without_cuda_is_one_line():
     with pytest.raises(RuntimeError, match=r"^CUDA is not available on this machine; use "):
         measure.check_runtime("cuda", calculate_bwd=False)
     with pytest.raises(RuntimeError, match="CUDA is not available"):
-        measure.run_sweep([with_options(CAUSAL, device="cuda", timer="auto")], progress=False)
+        measure.measure_configs([with_options(CAUSAL, device="cuda", timer="auto")], progress=False)
 
 
 def test_check_passes_equal_tensors():

@@ -23,6 +23,7 @@ from torch._dynamo.utils import counters
 
 from flexbench import measure, precompile, sweep
 from flexbench.config import BenchConfig
+from flexbench.tracking_settings import TrackingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = dict(batch=1, heads=2, head_dim=16, dtype="float32", device="cpu")
@@ -57,17 +58,15 @@ def swept(fresh_cache, mlflow_server):
     """SWEEP tracked with one compile worker (cache hits and misses seen after each config),
     then its first three configs again without workers, on the cache the first run left."""
     seen = [_cache_counts()]
-    out = sweep.run_sweep(
+    out = sweep.measure_and_track(
         SWEEP,
-        experiment="precompile",
-        tracking_uri=mlflow_server.uri,
-        journal=str(fresh_cache / "journal.jsonl"),
+        TrackingSettings("precompile", mlflow_server.uri, str(fresh_cache / "journal.jsonl")),
         progress=False,
         warn=print,
         on_result=lambda entry: seen.append(_cache_counts()),
         compile_workers=1,
     )
-    plain = measure.run_sweep(SWEEP[:3], progress=False)
+    plain = measure.measure_configs(SWEEP[:3], progress=False)
     deltas = [(h1 - h0, m1 - m0) for (h0, m0), (h1, m1) in zip(seen, seen[1:])]
     return {"out": out, "plain": plain, "deltas": deltas, "uri": mlflow_server.uri}
 

@@ -32,8 +32,10 @@ from flexbench import (
     sweep,
     tracking,
 )
-from flexbench.config import BenchConfig, expand_sweep
+from flexbench.config import BenchConfig
 from flexbench.record import RunRecord
+from flexbench.spec import SweepSpec
+from flexbench.tracking_settings import TrackingSettings
 from tests.servers import free_port
 
 OLD_TORCH = "2.10.0"
@@ -132,10 +134,14 @@ def log_sweep(
 @pytest.fixture(scope="module")
 def measured(mlflow_server, tmp_path_factory):
     """A real CPU sweep (noop, causal; b1 h2 s128 d16 fp32) in experiment `summary`."""
-    configs = expand_sweep([1], [2], [128], [16], ["noop", "causal"], ["float32"], device="cpu")
+    spec = SweepSpec([1], [2], [128], [16], ["noop", "causal"], ["float32"], device="cpu")
+    configs = spec.configs()
     journal = tmp_path_factory.mktemp("journal") / "journal.jsonl"
-    out = sweep.run_sweep(
-        configs, "summary", mlflow_server.uri, str(journal), progress=False, warn=print
+    out = sweep.measure_and_track(
+        configs,
+        TrackingSettings("summary", mlflow_server.uri, str(journal)),
+        progress=False,
+        warn=print,
     )
     assert out.offline is None and out.failed == 0
     return out
@@ -548,15 +554,9 @@ def test_repro_command_spells_out_every_field_of_the_config():
     assert repro.command(named).endswith(
         "--baseline sdpa,eager_math --flex-backend flash"
     )
-    names = ("calculate_bwd", "dynamic", "max_autotune", "kernel_options", "device", "timer",
-             "regime", "max_noise", "min_samples", "max_time", "throttle_threshold", "align")
-    for config in (c, named):
+    for config in (c, named):  # the command's flags, as the CLI hands them to the API
         p = cli.run.make_context("run", shlex.split(repro.command(config))[2:]).params
-        args = [p[k] for k in ("batch", "heads", "seq_lens", "head_dims", "score_mods", "dtypes")]
-        again, _ = sweep.configs_from_args(
-            *args, p["kv_heads"], p["kv_lens"], p["decode"], p["flex_backends"],
-            baselines=p["baselines"], **{k: p[k] for k in names}
-        )
+        again = cli.api_options(p)["spec"].configs()
         assert [x.config_key() for x in again] == [config.config_key()]
 
 

@@ -13,14 +13,16 @@ from mlflow.tracking import MlflowClient
 
 from flexbench import sweep
 from flexbench.cli import main
-from flexbench.config import expand_sweep, shard
+from flexbench.config import shard
+from flexbench.spec import SweepSpec
+from flexbench.tracking_settings import TrackingSettings
 
 TINY = ["--device", "cpu", "-nh", "2", "-s", "128", "-d", "16", "-dtype", "float32", "--quiet"]
 RUN_TIMEOUT_S = 300
 
 
 def sweep_of(batches) -> list:
-    return expand_sweep(list(batches), [2], [128], [16], ["noop"], ["float32"], device="cpu")
+    return SweepSpec(list(batches), [2], [128], [16], ["noop"], ["float32"], device="cpu").configs()
 
 
 def keys(configs) -> list[str]:
@@ -116,8 +118,7 @@ def sharded(mlflow_server, tmp_path_factory):
     sweep_id, head = printed_sweep_id(first)
     second = start([*uri, "-b", "1,2", "-mods", "noop", "--shard", "1/2", "--sweep-id", sweep_id],
                    where)
-    track = {"experiment": "workers", "tracking_uri": mlflow_server.uri, "journal": None,
-             "resume": False, "sweep_id": "workers1", "run_name": None}
+    track = TrackingSettings("workers", mlflow_server.uri, sweep_id="workers1")
     notes: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(where)

@@ -35,9 +35,9 @@ EVENTS = [
     ev("import torch", 0.05, 2.0),
     ev("import flexbench", 2.0, 2.5),
     ev("import mlflow", 2.5, 3.5),
-    ev("flexbench.sweep:run_sweep", 3.6, 20.0),
+    ev("flexbench.sweep:measure_and_track", 3.6, 20.0),
     ev("flexbench.sweep:connect", 3.6, 4.0),
-    ev("flexbench.measure:run_sweep", 4.2, 15.0),
+    ev("flexbench.measure:measure_configs", 4.2, 15.0),
     ev("flexbench.precompile:Pool.take", 6.0, 6.5, index=0),
     ev(
         "flexbench.measure:Bench.run",

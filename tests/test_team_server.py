@@ -18,7 +18,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from flexbench.config import expand_sweep
+from flexbench.spec import SweepSpec
 from tests.servers import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,8 +202,8 @@ def test_four_concurrent_sweeps_each_config_once_under_its_sweep(team, concurren
     assert {s.info.status for s in sweeps.values()} == {"FINISHED"}
     assert len({s.data.tags["flexbench.sweep_id"] for s in sweeps.values()}) == 4
 
-    wanted = {c.config_key() for b in BATCHES
-              for c in expand_sweep([b], [2], [128], [16], ["noop"], ["float32"], device="cpu")}
+    specs = [SweepSpec([b], [2], [128], [16], ["noop"], ["float32"], device="cpu") for b in BATCHES]
+    wanted = {c.config_key() for spec in specs for c in spec.configs()}
     keys = [r.data.tags["flexbench.config_key"] for r in configs]
     assert sorted(keys) == sorted(wanted)  # every config exactly once
     parents = [r.data.tags["mlflow.parentRunId"] for r in configs]

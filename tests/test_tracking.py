@@ -19,7 +19,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flexbench import artifacts, sweep, tracking
-from flexbench.config import BenchConfig, expand_sweep
+from flexbench.config import BenchConfig
+from flexbench.spec import SweepSpec
+from flexbench.tracking_settings import TrackingSettings
 from tests.servers import MlflowServer, SlowProxy, free_port
 
 FAILING_MOD = "tests.failing_mod:boom"
@@ -74,7 +76,7 @@ SWEEP_ARTIFACTS = {"summary.md", "results.csv", "heatmap.png", "report.html"}
 
 
 def tiny(*mods: str) -> list[BenchConfig]:
-    return expand_sweep([1], [2], [128], [16], list(mods), ["float32"], device="cpu")
+    return SweepSpec([1], [2], [128], [16], list(mods), ["float32"], device="cpu").configs()
 
 
 def children(client: MlflowClient, parent_id: str) -> list:
@@ -122,17 +124,10 @@ def logged(mlflow_server, tmp_path_factory):
         mp.chdir(where)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         out = sweep.run(
-            [1],
-            [2],
-            [128],
-            [16],
-            ["noop", FAILING_MOD, "causal"],
-            ["float32"],
-            device="cpu",
-            experiment="structure",
-            tracking_uri=mlflow_server.uri,
-            journal=str(where / "journal.jsonl"),
-            run_name="tiny sweep",
+            SweepSpec([1], [2], [128], [16], ["noop", FAILING_MOD, "causal"], ["float32"],
+                      device="cpu"),
+            TrackingSettings("structure", mlflow_server.uri, str(where / "journal.jsonl"),
+                             run_name="tiny sweep"),
             quiet=True,
             warn=warnings.append,
         )
@@ -223,11 +218,9 @@ def test_resume_skips_finished_configs(logged, mlflow_server):
     client = logged["client"]
     before = len(runs_of_kind(client, "structure", "config"))
     warnings: list[str] = []
-    out = sweep.run_sweep(
+    out = sweep.measure_and_track(
         tiny("noop", "causal"),
-        "structure",
-        mlflow_server.uri,
-        resume=True,
+        TrackingSettings("structure", mlflow_server.uri, resume=True),
         progress=False,
         warn=warnings.append,
     )
@@ -252,15 +245,8 @@ def test_under_mlflow_run_the_sweep_run_is_that_run(mlflow_server, monkeypatch):
     client.log_param(outer, "b", "1")  # `mlflow run` logs the entry point's params itself
     monkeypatch.setenv("MLFLOW_RUN_ID", outer)
     out = sweep.run(
-        [1],
-        [2],
-        [128],
-        [16],
-        ["noop"],
-        ["float32"],
-        device="cpu",
-        experiment="ignored-under-mlflow-run",
-        tracking_uri=mlflow_server.uri,
+        SweepSpec([1], [2], [128], [16], ["noop"], ["float32"], device="cpu"),
+        TrackingSettings("ignored-under-mlflow-run", mlflow_server.uri),
         quiet=True,
         warn=print,
     )
@@ -290,10 +276,9 @@ def test_server_lost_mid_sweep_then_sync_twice(tmp_path):
             if len(seen) == 1:
                 server.stop()
 
-        out = sweep.run_sweep(
+        out = sweep.measure_and_track(
             tiny("noop", "causal"),
-            "mid-sweep",
-            server.uri,
+            TrackingSettings("mid-sweep", server.uri),
             progress=False,
             warn=warnings.append,
             on_result=stop_after_first,
@@ -329,10 +314,9 @@ def test_server_lost_mid_sweep_then_sync_twice(tmp_path):
 def test_unreachable_from_the_start_then_sync(mlflow_server, monkeypatch, capfd):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET_ENV_PASSWORD)
     warnings: list[str] = []
-    out = sweep.run_sweep(
+    out = sweep.measure_and_track(
         tiny("noop", "causal"),
-        "offline-start",
-        dead_uri(SECRET_URI_PASSWORD),
+        TrackingSettings("offline-start", dead_uri(SECRET_URI_PASSWORD)),
         progress=False,
         warn=warnings.append,
     )
@@ -366,8 +350,11 @@ def test_a_slow_server_is_waited_for_not_declared_unreachable(mlflow_server):
     """Every run creation answers 8 s late, in the sweep's thread and the background one."""
     warnings: list[str] = []
     with SlowProxy(mlflow_server.uri, SLOW_S, ("runs/create",)) as proxy:
-        out = sweep.run_sweep(
-            tiny("noop"), "slow-server", proxy.uri, progress=False, warn=warnings.append
+        out = sweep.measure_and_track(
+            tiny("noop"),
+            TrackingSettings("slow-server", proxy.uri),
+            progress=False,
+            warn=warnings.append,
         )
     assert (out.offline, warnings, out.exit_code) == (None, [], 0)
     assert proxy.delayed == 2  # the sweep run, then the config run
@@ -390,7 +377,12 @@ def test_a_busy_server_503_is_tried_again_with_backoff(mlflow_server, tmp_path):
 
 def test_sync_completes_a_half_logged_child_and_an_unfinished_sweep_run(mlflow_server):
     """The server died between a child's create_run and its log_batch, then at the end."""
-    out = sweep.run_sweep(tiny("noop"), "half-logged", dead_uri(), progress=False, warn=print)
+    out = sweep.measure_and_track(
+        tiny("noop"),
+        TrackingSettings("half-logged", dead_uri()),
+        progress=False,
+        warn=print,
+    )
     journal = tracking.Journal(out.journal)
     sweep_entry, result = (e for e in journal.entries() if e["type"] in ("sweep", "result"))
     client = MlflowClient(mlflow_server.uri)

@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from flexbench import artifacts, query, report, schema, tracking, tune
 from flexbench.cli import cli, main
 from flexbench.config import BenchConfig
+from flexbench.spec import SweepSpec
+from flexbench.tracking_settings import TrackingSettings
 
 SHAPE = dict(batch=[1], heads=[2], seq_lens=[64], head_dims=[16], dtypes=["float32"])
 GRID = {"BLOCK_M": [32, 128], "BLOCK_N": [32, 1024], "num_warps": [4], "num_stages": [1]}
@@ -259,13 +261,9 @@ EXPERIMENT = "tune-test"
 def tuned(mlflow_server, tmp_path_factory):
     journal = tmp_path_factory.mktemp("tune") / "journal.jsonl"
     out = tune.run(
-        **SHAPE,
-        score_mods=["causal"],
-        device="cpu",
+        SweepSpec(**SHAPE, score_mods=["causal"], device="cpu"),
+        TrackingSettings(EXPERIMENT, mlflow_server.uri, str(journal)),
         grid=json.dumps(GRID),
-        tracking_uri=mlflow_server.uri,
-        experiment=EXPERIMENT,
-        journal=str(journal),
         quiet=True,
     )
     client = MlflowClient(mlflow_server.uri)
@@ -389,9 +387,10 @@ def test_summary_of_the_tune_sweep_run_lists_its_candidates(tuned, mlflow_server
 
 def test_a_failed_candidate_is_a_finding_not_a_failed_tune(mlflow_server, tmp_path):
     # CPU flex validates BACKEND: this candidate fails, the default still gives a best.
-    out = tune.run(**SHAPE, score_mods=["noop"], device="cpu", grid='{"BACKEND": ["NO_SUCH"]}',
-                   autotune=False, tracking_uri=mlflow_server.uri, experiment="tune-failed",
-                   journal=str(tmp_path / "journal.jsonl"), quiet=True)
+    out = tune.run(SweepSpec(**SHAPE, score_mods=["noop"], device="cpu"),
+                   TrackingSettings("tune-failed", mlflow_server.uri,
+                                    str(tmp_path / "journal.jsonl")),
+                   grid='{"BACKEND": ["NO_SUCH"]}', autotune=False, quiet=True)
     assert (len(out.records), out.failed, out.exit_code) == (2, 1, 0)
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("tune-failed")

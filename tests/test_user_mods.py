@@ -21,6 +21,7 @@ from flexbench import measure, mods, sweep
 from flexbench.cli import main
 from flexbench.config import BenchConfig, with_options
 from flexbench.record import RunRecord
+from flexbench.tracking_settings import TrackingSettings
 from tests import user_mods
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -239,7 +240,7 @@ def test_a_mod_that_makes_nan_fails_before_nan_to_num_hides_it():
 
 def test_a_failed_check_is_the_configs_error_and_it_is_not_timed():
     c = cfg(f"{U}:log_score", 128)
-    # Room for this graph beside those earlier tests left cached (as run_sweep gives a sweep).
+    # Room for this graph beside those earlier tests left cached (as measure_configs gives a sweep).
     with measure.dynamo_settings(False, measure.default_recompile_limit(1)):
         r = measure.Bench().run(c)  # compiles: the check follows
     assert r.error.startswith("CheckFailed: mod produces NaN: ")
@@ -319,11 +320,9 @@ def test_a_changed_source_is_measured_again_on_resume(tmp_path, mlflow_server, m
 
     def sweep_once() -> sweep.Outcome:
         configs = [cfg(f"{name}:squeeze", 128)]
-        return sweep.run_sweep(
+        return sweep.measure_and_track(
             configs,
-            "user-mods",
-            mlflow_server.uri,
-            resume=True,
+            TrackingSettings("user-mods", mlflow_server.uri, resume=True),
             progress=False,
             warn=lambda m: None,
         )
