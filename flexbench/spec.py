@@ -182,22 +182,15 @@ class SweepSpec:
             kv_lens or (None,),
             self.flex_backends or ("auto",),
         )
-        configs = [self._config(*point) for point in grid]
+        configs = [BenchConfig(*point[:4], **self._point(*point[4:])) for point in grid]
         return configs, {**named, "configs": len(configs)}
 
-    def _config(self, b, h, s, d, mod, dtype, kvh, kvl, backend) -> BenchConfig:
-        return BenchConfig(
-            batch=b,
-            heads=h,
-            q_len=s,
-            head_dim=d,
-            score_mod=mod,
-            dtype=dtype,
-            kv_heads=kvh,
-            kv_len=kvl,
-            flex_backend=backend,
-            **self.template,
-        )
+    def _point(
+        self, mod: str, dtype: str, kv_heads: int | None, kv_len: int | None, backend: str
+    ) -> dict[str, object]:
+        """A grid point's fields beyond the four sizes, with the template's."""
+        fields_ = dict(score_mod=mod, dtype=dtype, kv_heads=kv_heads, kv_len=kv_len)
+        return {**fields_, "flex_backend": backend, **self.template}
 
     def _from_file(self) -> tuple[list[BenchConfig], dict[str, object]]:
         changed = [k for k in AXIS_PARAMS if getattr(self, k) != getattr(SweepSpec(), k)]
