@@ -22,7 +22,8 @@ from flexbench.choices import (
 from flexbench.timers import DEFAULT_REGIME, auto_timer
 
 if TYPE_CHECKING:  # mods imports torch: config resolves mods only when validating
-    from flexbench import mods
+    from flexbench import mods, timing
+    from flexbench.gpustate import Gpu
 
 REGIMES = (AUTO, *timers.REGIMES)  # "none" on CPU
 # Stopping rule defaults per device: CPU wall time on a shared machine rarely gets under 0.5%.
@@ -196,10 +197,10 @@ class BenchConfig:
         _choice("flex_backend", self.flex_backend, FLEX_BACKENDS)
         if self.timer == "auto":
             set_(self, "timer", auto_timer(self.device))
-        self._timing_settings(set_)
+        self._resolve_timing(set_)
         _check_timer_device(self.timer, self.device)
 
-    def _timing_settings(self, set_: Callable) -> None:
+    def _resolve_timing(self, set_: Callable) -> None:
         """Resolve the regime and the stopping rule's per-device defaults; validate them."""
         _choice("regime", self.regime, (*REGIMES, "none"))
         if self.device == "cpu":  # no GPU clock to manage: wall time, one call a sample
@@ -222,6 +223,14 @@ class BenchConfig:
             raise ValueError(
                 f"throttle_threshold must be a fraction in (0, 1], got {self.throttle_threshold}"
             )
+
+    def timing_settings(self, gpu: Gpu | None = None) -> timing.Settings:
+        """How the timer samples this config: its regime, stopping rule and throttle threshold
+        (`gpu`: the GPU whose state each timing reads; None on CPU or without NVML)."""
+        from flexbench import stats, timing
+
+        rule = stats.StopRule(self.max_noise, self.min_samples, 0.0, self.max_time)
+        return timing.Settings(self.regime, rule, self.throttle_threshold, gpu)
 
     @property
     def shape(self) -> str:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from flexbench import baselines, env, flops, gpustate, kernels, mods, stats, timers, timing
+from flexbench import baselines, env, flops, gpustate, kernels, mods, timers, timing
 from flexbench.config import BenchConfig
 from flexbench.schema import BASELINE_SKIPPED_TAG, FLEX, INEXACT_TAG, KERNELS_TAG, PRIMARY
 
@@ -363,9 +363,8 @@ class Bench:
         without NVML: GPU state is then absent)."""
         if c.device == "cuda" and self._gpu is False:
             self._gpu = gpustate.open_gpu(env.nvml_index())
-        rule = stats.StopRule(c.max_noise, c.min_samples, 0.0, c.max_time)
         gpu = self._gpu if c.device == "cuda" and self._gpu is not False else None
-        return timing.Settings(c.regime, rule, c.throttle_threshold, gpu)
+        return c.timing_settings(gpu)
 
     def compiled(self, c: BenchConfig) -> Callable:
         """One torch.compile(flex_attention) per (dynamic, max_autotune, kernel options)."""

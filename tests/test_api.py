@@ -150,3 +150,10 @@ def test_tracking_settings_take_removes_what_they_hold():
 def test_tune_has_no_resume():
     with pytest.raises(ValueError, match="no resume"):
         tune.tune_sweep([], TrackingSettings(resume=True))
+
+
+def test_a_config_says_how_the_timer_samples_it():
+    c = BenchConfig(1, 2, 64, 16, dtype="float32", device="cpu", max_noise=0.1, min_samples=5)
+    s = c.timing_settings()
+    assert (s.regime, s.rule.max_noise, s.rule.min_samples) == ("none", 0.1, 5)
+    assert (s.rule.max_time_s, s.throttle, s.gpu) == (0.5, 0.9, None)
