@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import fields
 
-from flexbench.config import BenchConfig
+from flexbench.config import SETTINGS, BenchConfig
 
 # --- tags ------------------------------------------------------------------------------------
 
@@ -83,10 +83,7 @@ NOT_IDENTITY = (
     *IN_SHAPE,
     "calculate_bwd",  # fwd compares either way
     "regime",  # compare calls pairs of other regimes not comparable instead
-    "max_noise",
-    "min_samples",
-    "max_time",
-    "throttle_threshold",
+    *SETTINGS,  # the stopping rule and sampling: how long to sample, not what is measured
     "baselines",
     "flex_backend",
     "reference",
