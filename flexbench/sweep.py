@@ -484,7 +484,7 @@ def _job(
 ) -> dict:
     """What one worker needs: its configs, the sweep's tracking settings and params."""
     return {
-        "configs": [c.identity() for c in mine],
+        "configs": [asdict(c) for c in mine],  # every field: identity() drops the settings
         "track": asdict(replace(track, run_name=part_name(track, label))),
         "sweep_params": {**params, "shard": label, "cuda_visible_devices": device},
     }

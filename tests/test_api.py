@@ -157,3 +157,10 @@ def test_a_config_says_how_the_timer_samples_it():
     s = c.timing_settings()
     assert (s.regime, s.rule.max_noise, s.rule.min_samples) == ("none", 0.1, 5)
     assert (s.rule.max_time_s, s.throttle, s.gpu) == (0.5, 0.9, None)
+
+
+def test_a_gpu_workers_job_carries_every_field_of_its_configs():
+    c = BenchConfig(1, 2, 64, 16, dtype="float32", device="cpu", max_noise=0.1, min_samples=4)
+    job = sweep._job([c], TrackingSettings(sweep_id="s1"), {}, "0/2", "0")
+    assert [BenchConfig(**fields) for fields in job["configs"]] == [c]
+    assert job["track"]["run_name"] == "sweep s1 shard 0/2"
