@@ -193,6 +193,7 @@ def test_run_left_by_failed_mlflow_run_is_closed_and_live_ones_are_not(mlflow_se
     import getpass
 
     from flexbench import leftovers, schema, sweep
+    from flexbench.tracking_settings import TrackingSettings
 
     experiment = f"leftover-{uuid.uuid4().hex[:8]}"
     client = MlflowClient(mlflow_server.uri)
@@ -213,8 +214,8 @@ def test_run_left_by_failed_mlflow_run_is_closed_and_live_ones_are_not(mlflow_se
         time.sleep(1)
         young = client.create_run(exp_id, tags=project_tags).info.run_id
         notes: list[str] = []
-        sweep.connect(experiment, mlflow_server.uri, str(tmp_path / "j.jsonl"), "cpu",
-                      warn=notes.append)
+        track = TrackingSettings(experiment, mlflow_server.uri, str(tmp_path / "j.jsonl"))
+        sweep.connect(track, "cpu", warn=notes.append)
         status = {r.info.run_id: r.info.status for r in client.search_runs([exp_id])}
     finally:
         os.killpg(running.pid, 9)  # with its entry point child
