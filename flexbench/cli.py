@@ -308,6 +308,13 @@ def _default_device(device: str) -> str:
     "[default: 2 on CUDA, 0.5 on CPU]",
 )
 @click.option(
+    "--sample-ms",
+    default=None,
+    callback=lambda ctx, p, v: auto_or(click.FloatRange(min=0, min_open=True), v, p, ctx),
+    help="length of one timing sample in ms (a CUDA graph replayed this long) "
+    "[default: 5 in burst, 40 in sustained]",
+)
+@click.option(
     "--throttle-threshold",
     default="90",
     show_default=True,
@@ -952,6 +959,7 @@ TUNE_SHARED = {
     "max_noise": None,
     "min_samples": None,
     "max_time": None,
+    "sample_ms": None,
     "throttle_threshold": None,
     "align": None,
     "experiment": None,

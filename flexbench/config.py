@@ -30,7 +30,7 @@ REGIMES = (AUTO, *timers.REGIMES)  # "none" on CPU
 DEFAULT_MAX_NOISE = {"cuda": 0.005, "cpu": 0.02}
 DEFAULT_MAX_TIME = {"cuda": 2.0, "cpu": 0.5}
 # How a config is timed, not what it measures: params, but not part of the config key.
-SETTINGS = ("max_noise", "min_samples", "max_time", "throttle_threshold")
+SETTINGS = ("max_noise", "min_samples", "max_time", "throttle_threshold", "sample_ms")
 # Fields added after keys were first logged: left out of the key at their default, so a config
 # measured before keeps its key (--resume still finds it).
 KEY_DEFAULTS = {
@@ -171,6 +171,7 @@ class BenchConfig:
     flex_backend: str = "auto"
     align: str = "end"
     reference: str = ""
+    sample_ms: float | None = None  # one timing sample's length; None: the regime's (5/40 ms)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: fill derived defaults once
@@ -219,6 +220,8 @@ class BenchConfig:
             raise ValueError(f"min_samples must be a whole number >= 3, got {self.min_samples}")
         if not self.max_time > 0:
             raise ValueError(f"max_time must be > 0 seconds, got {self.max_time}")
+        if self.sample_ms is not None and not self.sample_ms > 0:
+            raise ValueError(f"sample_ms must be > 0 ms, got {self.sample_ms}")
         if not 0 < self.throttle_threshold <= 1:
             raise ValueError(
                 f"throttle_threshold must be a fraction in (0, 1], got {self.throttle_threshold}"
@@ -230,7 +233,7 @@ class BenchConfig:
         from flexbench import stats, timing
 
         rule = stats.StopRule(self.max_noise, self.min_samples, 0.0, self.max_time)
-        return timing.Settings(self.regime, rule, self.throttle_threshold, gpu)
+        return timing.Settings(self.regime, rule, self.throttle_threshold, gpu, self.sample_ms)
 
     @property
     def shape(self) -> str:
@@ -325,7 +328,7 @@ class BenchConfig:
             "baselines": self.baselines,
             "flex_backend": self.flex_backend,
         }
-        p.update({k: v for k in ("mod_sha", "reference") if (v := getattr(self, k))})
+        p.update({k: v for k in ("mod_sha", "reference", "sample_ms") if (v := getattr(self, k))})
         p.update({f"ko_{k}": v for k, v in self.kernel_options_dict.items()})
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in p.items()}
 

@@ -27,6 +27,7 @@ MAIN_DEFAULTS = {"mods": "noop,causal,rel,head_bias", "b": "auto", "nh": "auto",
                  "timer": "auto", "baseline": "sdpa", "flex_backend": "auto", "run_name": "",
                  "resume": "false", "sweep_id": "", "tracking_timeout": "120",
                  "regime": "auto", "max_noise": "auto", "min_samples": "10", "max_time": "auto",
+                 "sample_ms": "auto",
                  "throttle_threshold": "90", "compile_workers": "auto", "compile_cache": "",
                  "align": "end", "reference": ""}
 # `flexbench run` options that MLproject leaves to `mlflow run` itself (--experiment-name,
