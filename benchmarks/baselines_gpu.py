@@ -107,7 +107,7 @@ def line(record: dict) -> str:
 def run_part(part: str, out: Path, slice_: tuple[int, int] = (0, 1)) -> list[dict]:
     """Measure one part (its `slice_` I/N of configs); every record appended to
     DIR/<part>[.I-of-N].jsonl as it lands."""
-    from flexbench import measure
+    from flexbench import pipeline
     from flexbench.config import shard
     from flexbench.record import RunRecord
 
@@ -123,7 +123,7 @@ def run_part(part: str, out: Path, slice_: tuple[int, int] = (0, 1)) -> list[dic
             f.write(json.dumps(record) + "\n")
         print(line(record), flush=True)
 
-    measure.measure_configs(shard(part_configs(part), *slice_), keep, progress=False)
+    pipeline.measure_configs(shard(part_configs(part), *slice_), keep, progress=False)
     return records
 
 

@@ -85,9 +85,9 @@ def seed_method(configs) -> float:
 
 def smoke(configs_for) -> dict:
     """One small causal config, forward and backward, with the default timer."""
-    from flexbench import measure
+    from flexbench import pipeline
 
-    r = measure.measure_configs([configs_for(2, 16, 512, 64, "causal")], progress=False)[0]
+    r = pipeline.measure_configs([configs_for(2, 16, 512, 64, "causal")], progress=False)[0]
     if r.error:
         raise SystemExit(f"smoke config failed: {r.error}")
     return r.metrics
@@ -161,7 +161,7 @@ def fidelity(configs_for, mods=("noop", "causal")) -> list[dict]:
     """flexbench's medians (both timers) against profiler kernel time, fwd (and bwd)."""
     import torch
 
-    from flexbench import measure
+    from flexbench import measure, pipeline
 
     rows = []
     for b, h, s, d in FIDELITY_SHAPES:
@@ -171,7 +171,7 @@ def fidelity(configs_for, mods=("noop", "causal")) -> list[dict]:
             print(f"fidelity: {row['config']}", flush=True)
             for timer in ("do_bench", "cudagraph_fwd", "cudagraph"):
                 c = measure.BenchConfig(**{**base.identity(), "timer": timer})
-                r = measure.measure_configs([c], progress=False)[0]
+                r = pipeline.measure_configs([c], progress=False)[0]
                 if r.error:
                     row[f"{timer}_error"] = r.error
                     continue
@@ -195,12 +195,12 @@ def fidelity(configs_for, mods=("noop", "causal")) -> list[dict]:
 
 def repeatability(configs_for) -> dict:
     """The 4 fidelity configs in REPEAT_SWEEPS separate sweeps: CV of each median."""
-    from flexbench import flops, measure
+    from flexbench import flops, pipeline
 
     configs = [
         configs_for(b, h, s, d, m) for b, h, s, d in FIDELITY_SHAPES for m in ("noop", "causal")
     ]
-    runs = [measure.measure_configs(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
+    runs = [pipeline.measure_configs(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
     out = {}
     for i, c in enumerate(configs):
         for key in ("fwd_eager_us", "fwd_compiled_us", "bwd_eager_us", "bwd_compiled_us"):

@@ -70,7 +70,7 @@ HOOKS = (
     "flexbench.precompile:Pool.__exit__",
     "flexbench.precompile:Pool.take",
     "flexbench.timing:warm_gpu",
-    "flexbench.measure:measure_configs",
+    "flexbench.pipeline:measure_configs",
     "flexbench.measure:Bench.run",
     "flexbench.measure:prepare",
     "flexbench.measure:_first_calls",
@@ -132,7 +132,7 @@ class Hooks:
         def timed(*args, **kwargs):
             start, out = time.time(), None
             try:
-                if label == "flexbench.measure:measure_configs":
+                if label == "flexbench.pipeline:measure_configs":
                     args, kwargs = self._wrap_on_result(args, kwargs)
                 out = fn(*args, **kwargs)
                 return out
@@ -148,7 +148,7 @@ class Hooks:
         setattr(owner, attr, timed)
 
     def _wrap_on_result(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """measure.measure_configs's on_result (tracking, journal per config) as events."""
+        """pipeline.measure_configs's on_result (tracking, journal per config) as events."""
         inner = kwargs.get("on_result", args[1] if len(args) > 1 else None)
         if inner is None:
             return args, kwargs
@@ -351,10 +351,10 @@ def timeline(events: list[dict], wall_s: float) -> list[tuple[str, float | None]
         "mlflow": _first(events, "import mlflow", "t1"),
         "sweep": _first(events, "flexbench.sweep:measure_and_track"),
         "connected": _first(events, "flexbench.sweep:connect", "t1"),
-        "measure": _first(events, "flexbench.measure:measure_configs"),
+        "measure": _first(events, "flexbench.pipeline:measure_configs"),
         "first": _first(events, "flexbench.precompile:Pool.take"),
         "last": _first(events, "on_result", "t1", last=True),
-        "measured": _first(events, "flexbench.measure:measure_configs", "t1", last=True),
+        "measured": _first(events, "flexbench.pipeline:measure_configs", "t1", last=True),
         "finish": _first(events, "flexbench.tracking:Tracker.finish", "t1", last=True),
         "returned": _first(events, "flexbench.sweep:measure_and_track", "t1", last=True),
         "cli_end": _first(events, "cli end", "t1"),
@@ -366,7 +366,7 @@ def timeline(events: list[dict], wall_s: float) -> list[tuple[str, float | None]
         ("import mlflow", "mlflow"),
         ("cli: parse, expand configs, check names", "sweep"),
         ("env capture + tracker connect", "connected"),
-        ("sweep run start, until measure.measure_configs", "measure"),
+        ("sweep run start, until pipeline.measure_configs", "measure"),
         ("worker pool start + warm_gpu, until config 1", "first"),
         ("measuring loop (configs)", "last"),
         ("after last config: pool shutdown", "measured"),

@@ -135,7 +135,7 @@ def probe_child() -> None:
     FX-graph and AOT-autograd cache hits and misses (the worker's config should miss nothing)."""
     from torch._dynamo.utils import counters
 
-    from flexbench import measure
+    from flexbench import pipeline
     from flexbench.spec import SweepSpec
 
     configs = SweepSpec(
@@ -163,7 +163,7 @@ def probe_child() -> None:
         )
 
     snap()
-    measure.measure_configs(configs, snap, progress=False, compile_workers=1)
+    pipeline.measure_configs(configs, snap, progress=False, compile_workers=1)
     rows = []
     for c, before, after in zip(configs, seen, seen[1:]):
         delta = {n: after[n] - before[n] for n in (*names, *auto)}

@@ -94,10 +94,10 @@ def truth(c) -> dict:
 
 
 def measured(c) -> dict:
-    from flexbench import measure
+    from flexbench import pipeline
 
     start = time.perf_counter()
-    r = measure.measure_configs([c], progress=False)[0]
+    r = pipeline.measure_configs([c], progress=False)[0]
     if r.error:
         return {"error": r.error}
     keep = ("_us", "_sm_mhz", "_sm_mhz_min", "_power_w", "_samples", "_noise_pct",
@@ -128,11 +128,11 @@ def fidelity(result: dict, save) -> None:
 
 def repeat(result: dict, save) -> None:
     """REPEAT_SWEEPS sweeps of the REPEAT configs in the default regime: CV of each median."""
-    from flexbench import flops, measure
+    from flexbench import flops, pipeline
 
     out = result.setdefault("repeat", {})
     configs = [config(*spec) for spec in REPEAT]
-    runs = [measure.measure_configs(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
+    runs = [pipeline.measure_configs(configs, progress=False) for _ in range(REPEAT_SWEEPS)]
     for i, c in enumerate(configs):
         for s in SERIES:
             values = [run[i].metrics.get(f"{s}_us") for run in runs]
@@ -148,7 +148,7 @@ def repeat(result: dict, save) -> None:
 def speed(result: dict, save) -> None:
     """Measuring time per config (sweep wall minus compile) of the 16-config sweep, default
     options (also runs against an older flexbench on PYTHONPATH, for before/after)."""
-    from flexbench import measure
+    from flexbench import pipeline
     from flexbench.spec import SweepSpec
 
     configs = SweepSpec(
@@ -156,7 +156,7 @@ def speed(result: dict, save) -> None:
         calculate_bwd=True, device="cuda",
     ).configs()  # fmt: skip
     start = time.perf_counter()
-    results = measure.measure_configs(configs, progress=False)
+    results = pipeline.measure_configs(configs, progress=False)
     wall = time.perf_counter() - start
     compile_s = sum(r.metrics.get("compile_s", 0.0) for r in results)
     result["speed"] = {

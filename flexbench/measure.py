@@ -16,12 +16,11 @@ no_grad when it is forward-only. So each config compiles one graph, not two.
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -698,78 +697,3 @@ def _record(kind: str, m: dict[str, float], times: dict[str, timing.Timing], wor
         m[f"{kind}_speedup_{name}"] = flops.speedup(times[name].median_us, flex.median_us)
     if named:
         m[f"{kind}_speedup"] = m[f"{kind}_speedup_{named[0]}"]
-
-
-def cached_graphs() -> int:
-    """Most graphs dynamo already holds for one of our compiled functions (flex_attention,
-    the inductor_math baseline) in this process (earlier sweeps); 0 without importing dynamo
-    when nothing imported it yet (importing it takes a second: the compile workers start
-    first)."""
-    if "torch._dynamo" not in sys.modules:
-        return 0
-    try:
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        codes = (flex_attention.__code__, baselines.dense_math.__code__)
-        return max(len(_debug_get_cache_entry_list(code)) for code in codes)
-    except (ImportError, AttributeError, RuntimeError):
-        return 0
-
-
-def default_recompile_limit(n_configs: int) -> int:
-    """Room for every config's graph (two per config, to spare) plus a margin.
-
-    Graphs cached by earlier sweeps in this process count against dynamo's limit too.
-    """
-    return cached_graphs() + 8 + 2 * n_configs
-
-
-def measure_configs(
-    configs: Iterable[BenchConfig],
-    on_result: Callable[[Result], None] | None = None,
-    progress: bool = True,
-    recompile_limit: int | None = None,
-    compile_workers: int = 0,
-) -> list[Result]:
-    """Measure every config, isolating failures; `on_result` sees each Result as it lands.
-
-    `recompile_limit` (default: room for every config) caps dynamo recompiles per mod; a config
-    that would exceed it fails instead of silently running uncompiled. `compile_workers`
-    processes compile the configs ahead (precompile.Pool); a config's phase "wait" is the time
-    the sweep waited for its worker.
-    """
-    from tqdm import tqdm
-
-    from flexbench import precompile
-
-    configs = list(configs)
-    for device, bwd in {(c.device, c.calculate_bwd) for c in configs}:
-        check_runtime(device, bwd)
-    bench, results = Bench(), []
-    dynamic = any(c.dynamic for c in configs)
-    limit = default_recompile_limit(len(configs)) if recompile_limit is None else recompile_limit
-    with precompile.Pool(configs, compile_workers, dynamic, limit) as pool:
-        bench.warm_up(gpu_warm_up(configs))
-        if any(c.max_autotune for c in configs):  # autotuning times kernels: not beside it
-            bench.settle()
-        try:
-            with dynamo_settings(dynamic, limit):
-                bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")
-                for i, c in enumerate(bar):
-                    bar.set_description(c.run_name())
-                    ready = pool.take(i)
-                    results.append(ready.failed or bench.run(c))
-                    if ready.by_worker:
-                        results[-1].phases["wait"] = ready.waited
-                    if on_result is not None:
-                        on_result(results[-1])
-        finally:
-            with suppress(Exception):  # no thread left behind; its error was a config's
-                bench.settle()
-    return results
-
-
-def gpu_warm_up(configs: Sequence[BenchConfig]) -> Callable[[], None] | None:
-    """What warms the GPU before the first config is timed (timing.warm_gpu), for a sweep with
-    a CUDA config; None otherwise."""
-    return timing.warm_gpu if any(c.device == "cuda" for c in configs) else None

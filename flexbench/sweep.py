@@ -19,16 +19,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flexbench import (
     artifacts,
     env,
     history,
-    measure,
     mlflow_view,
+    pipeline,
     precompile,
     report,
     repro,
@@ -39,6 +40,9 @@ from flexbench.config import BenchConfig, peak_bytes, shard
 from flexbench.record import RunRecord
 from flexbench.spec import SweepSpec
 from flexbench.tracking_settings import TrackingSettings
+
+if TYPE_CHECKING:
+    from flexbench import measure
 
 
 @dataclass
@@ -110,37 +114,44 @@ def measure_and_track(
     run_name = track.run_name or f"sweep {sweep_id}"
     check_tracking(track, run_name)
     device = configs[0].device if configs else "cpu"
-    tracker, tags = connect(track, device, warn)
-    out = Outcome(sweep_id, journal=str(tracker.journal.path), uri=_hint_uri(track.tracking_uri))
-    configs = _resume(configs, tracker, tags, out, warn) if track.resume else list(configs)
-    if not configs:
-        return _nothing_to_do(out, warn, start)
-    out.planned = len(configs)
-    sweep = tracking.sweep_entry(out.sweep_id, experiment, sweep_params, tags, run_name)
-    tracker.start({**sweep, "planned": len(configs)})
-    warn_offline(tracker, out, warn)
-    last = [sweep["start_ms"]]
-    phases = dict.fromkeys(PHASES, 0.0)
-
-    def log_result(result: measure.Result) -> None:
-        start_log = time.perf_counter()
-        for name, seconds in result.phases.items():
-            phases[name] = phases.get(name, 0.0) + seconds
-        end = now_ms()
-        mine = {**tags, repro.REPRO_TAG: repro.command(result.config, experiment)}
-        record = tracking.result_entry(RunRecord.from_result(result), sweep, mine, last[0], end)
-        last[0] = end
-        tracker.log_later(record)
-        entry = record.to_journal()
-        out.records.append(entry)
+    with ExitStack() as compiling:  # every way out stops the compile workers
+        pool = None
+        if configs and not track.resume:  # workers compile while this process connects
+            pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
+        tracker, tags = connect(track, device, warn)
+        journal, uri = str(tracker.journal.path), _hint_uri(track.tracking_uri)
+        out = Outcome(sweep_id, journal=journal, uri=uri)
+        configs = _resume(configs, tracker, tags, out, warn) if track.resume else list(configs)
+        if not configs:
+            return _nothing_to_do(out, warn, start)
+        out.planned = len(configs)
+        sweep = tracking.sweep_entry(out.sweep_id, experiment, sweep_params, tags, run_name)
+        tracker.start({**sweep, "planned": len(configs)})
         warn_offline(tracker, out, warn)
-        warn_journal(tracker, out, warn)
-        if on_result is not None:
-            on_result(entry)
-        phases["tracking"] += time.perf_counter() - start_log
+        last = [sweep["start_ms"]]
+        phases = dict.fromkeys(PHASES, 0.0)
 
-    with stoppable() as stopped, precompile.compile_cache(compile_cache, warn):
-        measure.measure_configs(configs, log_result, progress, compile_workers=compile_workers)
+        def log_result(result: measure.Result) -> None:
+            start_log = time.perf_counter()
+            for name, seconds in result.phases.items():
+                phases[name] = phases.get(name, 0.0) + seconds
+            end = now_ms()
+            mine = {**tags, repro.REPRO_TAG: repro.command(result.config, experiment)}
+            record = tracking.result_entry(RunRecord.from_result(result), sweep, mine, last[0], end)
+            last[0] = end
+            tracker.log_later(record)
+            entry = record.to_journal()
+            out.records.append(entry)
+            warn_offline(tracker, out, warn)
+            warn_journal(tracker, out, warn)
+            if on_result is not None:
+                on_result(entry)
+            phases["tracking"] += time.perf_counter() - start_log
+
+        if pool is None:  # --resume: the configs left
+            pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
+        with stoppable() as stopped, compiling:  # left here: workers stopped, cache saved
+            pipeline.measure_configs(configs, log_result, progress, pool=pool)
     out.interrupted = stopped[0] if stopped else ""
     tracker.drain()
     phases["tracking"] += tracker.tracking_s
@@ -163,6 +174,19 @@ def measure_and_track(
 
 
 PHASES = ("compile", "check", "timing", "tracking", "wait")
+
+
+def _compiling(
+    stack: ExitStack,
+    configs: Sequence[BenchConfig],
+    workers: int,
+    cache: str | None,
+    warn: Callable[[str], None],
+) -> precompile.Pool:
+    """Load the compile cache, then start the compile workers on `configs`; leaving `stack`
+    stops them (and, after a sweep that was not interrupted, saves the cache)."""
+    stack.enter_context(precompile.compile_cache(cache, warn))
+    return stack.enter_context(pipeline.compile_pool(configs, workers))
 
 
 def phase_metrics(phases: dict[str, float]) -> dict[str, float]:
@@ -319,6 +343,8 @@ def run(
         raise ValueError("--gpus runs one CUDA worker per GPU; drop --device cpu")
     if gpu_ids and compile_cache:
         raise ValueError("--compile-cache is for one measuring process; drop it or --gpus")
+    from flexbench import measure  # torch: after `import flexbench.sweep`, which is light
+
     measure.check_runtime(spec.device, bool(spec.setting("calculate_bwd")))
     filled = spec.size_defaults()
     configs, args = spec.expand()

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flexbench import artifacts, measure, mods, report, repro, schema, sweep, tracking
+from flexbench import artifacts, measure, mods, pipeline, report, repro, schema, sweep, tracking
 from flexbench.config import KERNEL_OPTION_TYPES, BenchConfig, with_options
 from flexbench.record import RunRecord
 from flexbench.spec import SweepSpec
@@ -378,7 +378,7 @@ def tune_sweep(
     progress: bool = True,
     warn: Callable[[str], None] = print,
 ) -> TuneOutcome:
-    """Measure every plan's candidates (one `measure.measure_configs`, so compiled callables
+    """Measure every plan's candidates (one `pipeline.measure_configs`, so compiled callables
     are shared), log them as described in the module docstring, tag each config's best."""
     start = time.perf_counter()
     track = track or TrackingSettings()
@@ -407,7 +407,7 @@ def tune_sweep(
 
     configs = [cand.config for p in plans for cand in p.measured]
     with sweep.stoppable() as stopped:
-        measure.measure_configs(configs, on_result, progress=progress)
+        pipeline.measure_configs(configs, on_result, progress=progress)
     out.interrupted = stopped[0] if stopped else ""
     if out.interrupted:
         session.stop()

@@ -12,8 +12,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flexbench"
-# measure <-> precompile (late imports both ways) is issue 13's to untangle (part D of 16).
-KNOWN_CYCLES: list[set[str]] = [{"measure", "precompile"}]
+KNOWN_CYCLES: list[set[str]] = []  # none: keep it so
 NO_HEAVY = ("schema", "record", "report", "summary", "compare", "tracking", "query")
 
 

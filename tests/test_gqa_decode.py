@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from flexbench import flops, measure, mods
+from flexbench import flops, measure, mods, pipeline
 from flexbench.cli import cli, main
 from flexbench.config import BenchConfig, with_options
 from flexbench.record import RunRecord
@@ -35,7 +35,7 @@ KERNEL_OPTIONS = '{"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3
 @pytest.fixture(scope="module")
 def results() -> dict[str, measure.Result]:
     keys = ["causal", "sliding_window:32", "alibi", "decode"]
-    return dict(zip(keys, measure.measure_configs(SWEEP, progress=False)))
+    return dict(zip(keys, pipeline.measure_configs(SWEEP, progress=False)))
 
 
 # --- an independent reference: a loop over query heads, mask and bias written out ---------------
@@ -159,7 +159,7 @@ def test_kernel_options_reach_flex():
     # CPU flex ignores BLOCK_M and friends, but validates BACKEND: its error proves the
     # options are passed through (to the compiled call, not dropped on the way).
     bogus = with_options(CAUSAL, kernel_options={"BLOCK_M": 64, "BACKEND": "NO_SUCH"})
-    (r,) = measure.measure_configs([bogus], progress=False)
+    (r,) = pipeline.measure_configs([bogus], progress=False)
     assert not r.ok and "BACKEND" in r.error and "NO_SUCH" in r.error
     assert "fwd_compiled_us" not in r.metrics
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from flexbench import flops, kernels, measure, stats, timing
+from flexbench import flops, kernels, measure, pipeline, stats, timing
 from flexbench.config import BenchConfig, with_options
 from flexbench.record import RunRecord
 
@@ -44,8 +44,8 @@ def sweep():
     """Run SWEEP once: results, what on_result saw (with dynamo settings then), settings after."""
     seen = []
     with torch._dynamo.config.patch(OUTER):
-        expected_limit = measure.default_recompile_limit(len(SWEEP))
-        results = measure.measure_configs(
+        expected_limit = pipeline.default_recompile_limit(len(SWEEP))
+        results = pipeline.measure_configs(
             SWEEP, on_result=lambda r: seen.append((r, _dynamo_now())), progress=False
         )
         after = _dynamo_now()
@@ -132,7 +132,7 @@ def test_hitting_the_recompile_limit_fails_that_config_loudly(sweep):
     # second graph, which a limit of 1 forbids: without the hard failure it would run eager.
     bigger = with_options(CAUSAL, q_len=384)
     before = _dynamo_now()
-    cached, over = measure.measure_configs([CAUSAL, bigger], progress=False, recompile_limit=1)
+    cached, over = pipeline.measure_configs([CAUSAL, bigger], progress=False, recompile_limit=1)
     assert cached.ok, cached.error
     assert over.error.startswith("recompile limit (1) hit: torch.compile would fall back")
     assert "fwd_speedup" not in over.metrics
@@ -141,16 +141,16 @@ def test_hitting_the_recompile_limit_fails_that_config_loudly(sweep):
 
 def test_default_recompile_limit_counts_graphs_of_earlier_sweeps(sweep):
     # After the module sweep, flex_attention holds graphs; a later sweep's room is on top.
-    held = measure.cached_graphs()
+    held = pipeline.cached_graphs()
     assert held >= 2  # CAUSAL and DECODE at least
-    assert measure.default_recompile_limit(3) == held + 8 + 2 * 3
+    assert pipeline.default_recompile_limit(3) == held + 8 + 2 * 3
 
 
 def test_cached_graphs_does_not_import_dynamo():
     """The sweep sizes its recompile limit before starting compile workers: without a second
     of importing dynamo when nothing in the process compiled yet."""
-    code = ("import sys; from flexbench import measure; "
-            "print(measure.cached_graphs(), 'torch._dynamo' in sys.modules)")
+    code = ("import sys; from flexbench import pipeline; "
+            "print(pipeline.cached_graphs(), 'torch._dynamo' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.stdout.split() == ["0", "False"], proc.stderr
@@ -161,7 +161,7 @@ def test_gpu_warm_up_overlaps_the_first_compile_and_ends_before_kernels_and_timi
 ):
     """The GPU warm-up runs while the first config compiles, and is over before its kernels
     profile and timers run (CPU stands in for CUDA: the same order)."""
-    log, compiling, gpu_warm_up = [], threading.Event(), measure.gpu_warm_up
+    log, compiling, gpu_warm_up = [], threading.Event(), pipeline.gpu_warm_up
 
     def warm() -> None:
         log.append("warm start")
@@ -182,7 +182,7 @@ def test_gpu_warm_up_overlaps_the_first_compile_and_ends_before_kernels_and_timi
     monkeypatch.setattr(measure, "_first_calls", logged("compile", measure._first_calls, compiling))
     monkeypatch.setattr(kernels, "profile", logged("kernels", kernels.profile))
     monkeypatch.setattr(timing, "time_all", logged("timing", timing.time_all))
-    results = measure.measure_configs([CAUSAL, CAUSAL], progress=False)
+    results = pipeline.measure_configs([CAUSAL, CAUSAL], progress=False)
     assert [r.error for r in results] == [None, None]
     assert log.index("warm start") < log.index("compile") < log.index("warm end")
     assert log.index("warm end") < log.index("kernels") < log.index("timing")
@@ -198,14 +198,14 @@ def test_a_max_autotune_sweep_compiles_after_the_warm_up(monkeypatch):
         time.sleep(0.2), log.append("warm end")))
     monkeypatch.setattr(measure.Bench, "run", lambda self, c: (
         log.append("run"), measure.Result(c))[1])
-    measure.measure_configs([with_options(CAUSAL, max_autotune=True)], progress=False)
+    pipeline.measure_configs([with_options(CAUSAL, max_autotune=True)], progress=False)
     assert log == ["warm end", "run"]
 
 
 def test_a_failing_warm_up_fails_the_config_that_waits_for_it(sweep):
     bench = measure.Bench()
     bench.warm_up(lambda: 1 / 0)
-    with measure.dynamo_settings(False, measure.default_recompile_limit(1)):
+    with measure.dynamo_settings(False, pipeline.default_recompile_limit(1)):
         result = bench.run(CAUSAL)
     assert result.error.startswith("ZeroDivisionError")
     bench.settle()  # raised once: nothing left to wait for
@@ -241,7 +241,7 @@ def test_backward_on_cpu_is_refused_up_front():
     seen = []
     bwd = with_options(CAUSAL, calculate_bwd=True)
     with pytest.raises(RuntimeError, match="flex attention backward needs CUDA") as info:
-        measure.measure_configs([CAUSAL, bwd], on_result=seen.append, progress=False)
+        pipeline.measure_configs([CAUSAL, bwd], on_result=seen.append, progress=False)
     assert seen == [] and "\n" not in str(info.value)  # refused before any config ran
     measure.check_runtime("cpu", calculate_bwd=False)  # forward on CPU is fine
 
@@ -251,7 +251,8 @@ def test_cuda_without_cuda_is_one_line():
     with pytest.raises(RuntimeError, match=r"^CUDA is not available on this machine; use "):
         measure.check_runtime("cuda", calculate_bwd=False)
     with pytest.raises(RuntimeError, match="CUDA is not available"):
-        measure.measure_configs([with_options(CAUSAL, device="cuda", timer="auto")], progress=False)
+        cuda = with_options(CAUSAL, device="cuda", timer="auto")
+        pipeline.measure_configs([cuda], progress=False)
 
 
 def test_check_passes_equal_tensors():

@@ -21,7 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch._dynamo.utils import counters
 
-from flexbench import measure, precompile, sweep
+from flexbench import pipeline, precompile, sweep
 from flexbench.config import BenchConfig
 from flexbench.tracking_settings import TrackingSettings
 
@@ -66,7 +66,7 @@ def swept(fresh_cache, mlflow_server):
         on_result=lambda entry: seen.append(_cache_counts()),
         compile_workers=1,
     )
-    plain = measure.measure_configs(SWEEP[:3], progress=False)
+    plain = pipeline.measure_configs(SWEEP[:3], progress=False)
     deltas = [(h1 - h0, m1 - m0) for (h0, m0), (h1, m1) in zip(seen, seen[1:])]
     return {"out": out, "plain": plain, "deltas": deltas, "uri": mlflow_server.uri}
 

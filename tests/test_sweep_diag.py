@@ -37,7 +37,7 @@ EVENTS = [
     ev("import mlflow", 2.5, 3.5),
     ev("flexbench.sweep:measure_and_track", 3.6, 20.0),
     ev("flexbench.sweep:connect", 3.6, 4.0),
-    ev("flexbench.measure:measure_configs", 4.2, 15.0),
+    ev("flexbench.pipeline:measure_configs", 4.2, 15.0),
     ev("flexbench.precompile:Pool.take", 6.0, 6.5, index=0),
     ev(
         "flexbench.measure:Bench.run",

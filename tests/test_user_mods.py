@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch.nn.attention.flex_attention import flex_attention
 
-from flexbench import measure, mods, sweep
+from flexbench import measure, mods, pipeline, sweep
 from flexbench.cli import main
 from flexbench.config import BenchConfig, with_options
 from flexbench.record import RunRecord
@@ -241,7 +241,7 @@ def test_a_mod_that_makes_nan_fails_before_nan_to_num_hides_it():
 def test_a_failed_check_is_the_configs_error_and_it_is_not_timed():
     c = cfg(f"{U}:log_score", 128)
     # Room for this graph beside those earlier tests left cached (as measure_configs gives a sweep).
-    with measure.dynamo_settings(False, measure.default_recompile_limit(1)):
+    with measure.dynamo_settings(False, pipeline.default_recompile_limit(1)):
         r = measure.Bench().run(c)  # compiles: the check follows
     assert r.error.startswith("CheckFailed: mod produces NaN: ")
     record = RunRecord.from_result(r)

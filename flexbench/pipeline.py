@@ -1,0 +1,124 @@
+"""The measuring process's sweep loop: configs in sweep order, each compiled by a worker ahead
+(precompile.Pool) or here, then measured by `measure` (one config at a time).
+
+Importable without torch: `measure` (torch) is imported when the loop starts, so a caller can
+start the compile workers (`compile_pool`) first and let them import torch and compile while it
+imports torch itself and connects to MLflow.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+from flexbench import precompile
+from flexbench.config import BenchConfig
+
+if TYPE_CHECKING:
+    from flexbench.measure import Result
+
+
+def cached_graphs() -> int:
+    """Most graphs dynamo already holds for one of our compiled functions (flex_attention,
+    the inductor_math baseline) in this process (earlier sweeps); 0 without importing dynamo
+    (or torch) when nothing imported it yet (importing it takes a second: the compile workers
+    start first)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        from torch.nn.attention.flex_attention import flex_attention
+
+        from flexbench import baselines
+
+        codes = (flex_attention.__code__, baselines.dense_math.__code__)
+        return max(len(_debug_get_cache_entry_list(code)) for code in codes)
+    except (ImportError, AttributeError, RuntimeError):
+        return 0
+
+
+def default_recompile_limit(n_configs: int) -> int:
+    """Room for every config's graph (two per config, to spare) plus a margin.
+
+    Graphs cached by earlier sweeps in this process count against dynamo's limit too.
+    """
+    return cached_graphs() + 8 + 2 * n_configs
+
+
+def compile_pool(
+    configs: Sequence[BenchConfig], workers: int, recompile_limit: int | None = None
+) -> precompile.Pool:
+    """The compile worker pool `measure_configs(configs, pool=...)` takes (not started: enter
+    it, and leave it on every path, which stops its workers)."""
+    limit = default_recompile_limit(len(configs)) if recompile_limit is None else recompile_limit
+    return precompile.Pool(list(configs), workers, any(c.dynamic for c in configs), limit)
+
+
+def measure_configs(
+    configs: Iterable[BenchConfig],
+    on_result: Callable[[Result], None] | None = None,
+    progress: bool = True,
+    recompile_limit: int | None = None,
+    compile_workers: int = 0,
+    pool: precompile.Pool | None = None,
+) -> list[Result]:
+    """Measure every config, isolating failures; `on_result` sees each Result as it lands.
+
+    `recompile_limit` (default: room for every config) caps dynamo recompiles per mod; a config
+    that would exceed it fails instead of silently running uncompiled. `compile_workers`
+    processes compile the configs ahead (precompile.Pool); or `pool`, a started
+    `compile_pool(configs, ...)` its caller stops. A config's phase "wait" is the time the
+    sweep waited for its worker.
+    """
+    from flexbench import measure
+
+    configs = list(configs)
+    for device, bwd in {(c.device, c.calculate_bwd) for c in configs}:
+        measure.check_runtime(device, bwd)
+    if pool is not None:
+        return _measure(configs, pool, on_result, progress)
+    with compile_pool(configs, compile_workers, recompile_limit) as own:
+        return _measure(configs, own, on_result, progress)
+
+
+def _measure(
+    configs: list[BenchConfig],
+    pool: precompile.Pool,
+    on_result: Callable[[Result], None] | None,
+    progress: bool,
+) -> list[Result]:
+    from tqdm import tqdm
+
+    from flexbench import measure
+
+    bench, results = measure.Bench(), []
+    bench.warm_up(gpu_warm_up(configs))
+    if any(c.max_autotune for c in configs):  # autotuning times kernels: not beside it
+        bench.settle()
+    try:
+        with measure.dynamo_settings(pool.dynamic, pool.recompile_limit):
+            bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")
+            for i, c in enumerate(bar):
+                bar.set_description(c.run_name())
+                ready = pool.take(i)
+                results.append(ready.failed or bench.run(c))
+                if ready.by_worker:
+                    results[-1].phases["wait"] = ready.waited
+                if on_result is not None:
+                    on_result(results[-1])
+    finally:
+        with suppress(Exception):  # no thread left behind; its error was a config's
+            bench.settle()
+    return results
+
+
+def gpu_warm_up(configs: Sequence[BenchConfig]) -> Callable[[], None] | None:
+    """What warms the GPU before the first config is timed (timing.warm_gpu), for a sweep with
+    a CUDA config; None otherwise."""
+    if not any(c.device == "cuda" for c in configs):
+        return None
+    from flexbench import timing
+
+    return timing.warm_gpu
