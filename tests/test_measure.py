@@ -178,7 +178,7 @@ def test_gpu_warm_up_overlaps_the_first_compile_and_ends_before_kernels_and_timi
 
         return call
 
-    monkeypatch.setattr(measure, "gpu_warm_up", lambda configs: warm)
+    monkeypatch.setattr(pipeline, "gpu_warm_up", lambda configs: warm)
     monkeypatch.setattr(measure, "_first_calls", logged("compile", measure._first_calls, compiling))
     monkeypatch.setattr(kernels, "profile", logged("kernels", kernels.profile))
     monkeypatch.setattr(timing, "time_all", logged("timing", timing.time_all))
@@ -194,7 +194,7 @@ def test_gpu_warm_up_overlaps_the_first_compile_and_ends_before_kernels_and_timi
 def test_a_max_autotune_sweep_compiles_after_the_warm_up(monkeypatch):
     """Autotuning times candidate kernels while compiling: never beside the GPU warm-up."""
     log = []
-    monkeypatch.setattr(measure, "gpu_warm_up", lambda configs: lambda: (
+    monkeypatch.setattr(pipeline, "gpu_warm_up", lambda configs: lambda: (
         time.sleep(0.2), log.append("warm end")))
     monkeypatch.setattr(measure.Bench, "run", lambda self, c: (
         log.append("run"), measure.Result(c))[1])

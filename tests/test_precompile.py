@@ -159,12 +159,19 @@ def test_speed_benchmark_reads_the_closing_line():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import sweep_speed_gpu as bench
 
-    phases = {f"phase_{p}_s": float(i) + 0.25 for i, p in enumerate(("compile", "check",
-              "timing", "tracking", "wait"))}
+    phases = {
+        f"phase_{p}_s": float(i) + 0.25
+        for i, p in enumerate(("compile", "check", "timing", "tracking", "wait"))
+    }
     out = sweep.Outcome("abc123", skipped=0, run_id="r1", wall_s=95.04, phases=phases)
     parsed = bench.parse_closing("progress...\n" + sweep.closing_line(out) + "\n")
-    assert parsed == {"sweep_id": "abc123", "configs": 0, "failed": 0, "inner_s": 95.0,
-                      **{k: round(v, 1) for k, v in phases.items()}}
+    assert parsed == {
+        "sweep_id": "abc123",
+        "configs": 0,
+        "failed": 0,
+        "inner_s": 95.0,
+        **{k: round(v, 1) for k, v in phases.items()},
+    }
     runs = {"seed.cold": {"wall_s": 100.0}, "flexbench.cold": {"wall_s": 40.0, **parsed}}
     assert "| flexbench | cold | 40.0 | 0.40 | ≤ 0.5 met |" in bench.table({"runs": runs})
 
@@ -195,5 +202,80 @@ def test_compile_cache_file_round_trip(swept, tmp_path, monkeypatch):
     assert any((elsewhere / "fxgraph").rglob("*"))  # FX-graph entries written into the cache
     path.write_bytes(b"not a cache")
     assert precompile.load_artifacts(path, warnings.append) == 0
-    assert warnings == [f"warning: {path} holds no compile cache torch "
-                        f"{torch.__version__} can read; ignored (and replaced after the sweep)"]
+    assert warnings == [
+        f"warning: {path} holds no compile cache torch "
+        f"{torch.__version__} can read; ignored (and replaced after the sweep)"
+    ]
+
+
+def _watch_pools(monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
+    """Every Pool entered (with its workers' processes) and the order of pools and connects."""
+    pools, order, enter = [], [], precompile.Pool.__enter__
+    connect = sweep.tracking.Tracker.connect
+
+    def entered(self: precompile.Pool) -> precompile.Pool:
+        pool = enter(self)
+        pools.append((pool, [w.proc for w in pool._live]))
+        order.append(("pool", [c.q_len for c in pool.configs]))
+        return pool
+
+    def connecting(self) -> bool:
+        alive = [p.poll() is None for _, procs in pools for p in procs]
+        order.append(("connect", alive))
+        return connect(self)
+
+    monkeypatch.setattr(precompile.Pool, "__enter__", entered)
+    monkeypatch.setattr(sweep.tracking.Tracker, "connect", connecting)
+    return pools, order
+
+
+def _settings(tmp_path: Path, **kw: object) -> TrackingSettings:
+    return TrackingSettings("early", f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "j"), **kw)
+
+
+def test_workers_start_before_the_tracker_connects(fresh_cache, tmp_path, monkeypatch):
+    """The compile workers import torch and compile while this process connects to MLflow."""
+    pools, order = _watch_pools(monkeypatch)
+    out = sweep.measure_and_track(
+        [OWN, RAISES], _settings(tmp_path), progress=False, warn=print, compile_workers=1
+    )
+    assert order == [("pool", [128, 256]), ("connect", [True])]  # a worker, alive
+    assert [r["status"] for r in out.records] == ["FAILED", "FAILED"]
+    assert "boom from a user score_mod" in out.records[1]["error"]
+    assert all(p.poll() is not None for _, procs in pools for p in procs)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("no tracking"), KeyboardInterrupt()])
+def test_workers_are_stopped_when_connecting_fails(fresh_cache, tmp_path, monkeypatch, exc):
+    """An error (or Ctrl-C) before measuring leaves no compile worker behind."""
+    pools, _ = _watch_pools(monkeypatch)
+
+    def fail(self) -> bool:
+        raise exc
+
+    monkeypatch.setattr(sweep.tracking.Tracker, "connect", fail)
+    with pytest.raises(type(exc)):
+        sweep.measure_and_track(
+            [OWN, NOOP, RAISES], _settings(tmp_path), progress=False, compile_workers=2
+        )
+    ((pool, procs),) = pools
+    assert len(procs) == 2 and all(p.poll() is not None for p in procs)
+    assert not any(_group_alive(p.pid) for p in procs) and pool._live == []
+
+
+def test_resume_starts_the_workers_on_the_configs_left(fresh_cache, tmp_path, monkeypatch):
+    """--resume knows what is left after connecting: only those configs are compiled."""
+    _, order = _watch_pools(monkeypatch)
+    monkeypatch.setattr(
+        sweep.tracking.Tracker, "resume_keys", lambda self, tags: {OWN.config_key()}
+    )
+    left = BenchConfig(q_len=64, score_mod="tests.user_mods:explode", **CPU)
+    out = sweep.measure_and_track(
+        [OWN, RAISES, left],
+        _settings(tmp_path, resume=True),
+        progress=False,
+        warn=print,
+        compile_workers=1,
+    )
+    assert order == [("connect", []), ("pool", [256, 64])]
+    assert out.skipped == 1 and [r["status"] for r in out.records] == ["FAILED", "FAILED"]
