@@ -159,19 +159,12 @@ def test_speed_benchmark_reads_the_closing_line():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import sweep_speed_gpu as bench
 
-    phases = {
-        f"phase_{p}_s": float(i) + 0.25
-        for i, p in enumerate(("compile", "check", "timing", "tracking", "wait"))
-    }
+    phases = {f"phase_{p}_s": float(i) + 0.25 for i, p in enumerate(("compile", "check",
+              "timing", "tracking", "wait"))}
     out = sweep.Outcome("abc123", skipped=0, run_id="r1", wall_s=95.04, phases=phases)
     parsed = bench.parse_closing("progress...\n" + sweep.closing_line(out) + "\n")
-    assert parsed == {
-        "sweep_id": "abc123",
-        "configs": 0,
-        "failed": 0,
-        "inner_s": 95.0,
-        **{k: round(v, 1) for k, v in phases.items()},
-    }
+    assert parsed == {"sweep_id": "abc123", "configs": 0, "failed": 0, "inner_s": 95.0,
+                      **{k: round(v, 1) for k, v in phases.items()}}
     runs = {"seed.cold": {"wall_s": 100.0}, "flexbench.cold": {"wall_s": 40.0, **parsed}}
     assert "| flexbench | cold | 40.0 | 0.40 | ≤ 0.5 met |" in bench.table({"runs": runs})
 
@@ -202,10 +195,8 @@ def test_compile_cache_file_round_trip(swept, tmp_path, monkeypatch):
     assert any((elsewhere / "fxgraph").rglob("*"))  # FX-graph entries written into the cache
     path.write_bytes(b"not a cache")
     assert precompile.load_artifacts(path, warnings.append) == 0
-    assert warnings == [
-        f"warning: {path} holds no compile cache torch "
-        f"{torch.__version__} can read; ignored (and replaced after the sweep)"
-    ]
+    assert warnings == [f"warning: {path} holds no compile cache torch "
+                        f"{torch.__version__} can read; ignored (and replaced after the sweep)"]
 
 
 def _watch_pools(monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
