@@ -115,9 +115,8 @@ def measure_and_track(
     check_tracking(track, run_name)
     device = configs[0].device if configs else "cpu"
     with ExitStack() as compiling:  # every way out stops the compile workers
-        pool = None
-        if configs and not track.resume:  # workers compile while this process connects
-            pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
+        # Workers start once connected (and, with --resume, on the configs left): started
+        # before connecting they slowed the H200 sweep, cold and warm (BENCHMARKS.md §13).
         tracker, tags = connect(track, device, warn)
         journal, uri = str(tracker.journal.path), _hint_uri(track.tracking_uri)
         out = Outcome(sweep_id, journal=journal, uri=uri)
@@ -148,8 +147,7 @@ def measure_and_track(
                 on_result(entry)
             phases["tracking"] += time.perf_counter() - start_log
 
-        if pool is None:  # --resume: the configs left
-            pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
+        pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
         with stoppable() as stopped, compiling:  # left here: workers stopped, cache saved
             pipeline.measure_configs(configs, log_result, progress, pool=pool)
     out.interrupted = stopped[0] if stopped else ""

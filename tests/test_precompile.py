@@ -224,13 +224,14 @@ def _settings(tmp_path: Path, **kw: object) -> TrackingSettings:
     return TrackingSettings("early", f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "j"), **kw)
 
 
-def test_workers_start_before_the_tracker_connects(fresh_cache, tmp_path, monkeypatch):
-    """The compile workers import torch and compile while this process connects to MLflow."""
+def test_workers_start_once_the_tracker_has_connected(fresh_cache, tmp_path, monkeypatch):
+    """The compile workers start after this process has connected to MLflow (started before,
+    they competed with its start-up on the H200: BENCHMARKS.md §13), and are stopped after."""
     pools, order = _watch_pools(monkeypatch)
     out = sweep.measure_and_track(
         [OWN, RAISES], _settings(tmp_path), progress=False, warn=print, compile_workers=1
     )
-    assert order == [("pool", [128, 256]), ("connect", [True])]  # a worker, alive
+    assert order == [("connect", []), ("pool", [128, 256])]
     assert [r["status"] for r in out.records] == ["FAILED", "FAILED"]
     assert "boom from a user score_mod" in out.records[1]["error"]
     assert all(p.poll() is not None for _, procs in pools for p in procs)
@@ -238,7 +239,7 @@ def test_workers_start_before_the_tracker_connects(fresh_cache, tmp_path, monkey
 
 @pytest.mark.parametrize("exc", [RuntimeError("no tracking"), KeyboardInterrupt()])
 def test_workers_are_stopped_when_connecting_fails(fresh_cache, tmp_path, monkeypatch, exc):
-    """An error (or Ctrl-C) before measuring leaves no compile worker behind."""
+    """An error (or Ctrl-C) while connecting starts no compile worker, and leaves none."""
     pools, _ = _watch_pools(monkeypatch)
 
     def fail(self) -> bool:
@@ -249,9 +250,7 @@ def test_workers_are_stopped_when_connecting_fails(fresh_cache, tmp_path, monkey
         sweep.measure_and_track(
             [OWN, NOOP, RAISES], _settings(tmp_path), progress=False, compile_workers=2
         )
-    ((pool, procs),) = pools
-    assert len(procs) == 2 and all(p.poll() is not None for p in procs)
-    assert not any(_group_alive(p.pid) for p in procs) and pool._live == []
+    assert pools == []
 
 
 def test_resume_starts_the_workers_on_the_configs_left(fresh_cache, tmp_path, monkeypatch):
