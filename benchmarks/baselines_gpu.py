@@ -25,6 +25,8 @@ import json
 import time
 from pathlib import Path
 
+from flexbench.record import RunRecord, rows
+
 PARTS = ("sweep16", "mods", "backends")
 SDPA_FORMS = "sdpa,sdpa_cudnn,sdpa_flash,sdpa_efficient,inductor_math"
 
@@ -75,64 +77,62 @@ def part_configs(part: str) -> list:
     raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
 
 
-def families(record: dict) -> dict[str, str]:
+def families(record: RunRecord) -> dict[str, str]:
     """Kernel family per side (flex and each baseline) from the record's kernel tags."""
     from flexbench import kernels
 
     out = {}
-    for tag, names in record.get("tags", {}).items():
+    for tag, names in record.tags.items():
         if tag.endswith("_kernels"):
             out[tag.removeprefix("flexbench.").removesuffix("_kernels")] = kernels.family(names)
     return out
 
 
-def line(record: dict) -> str:
+def line(record: RunRecord) -> str:
     """One printed line per config: times per series, families, skips, approximations."""
-    m, tags = record["metrics"], record.get("tags", {})
-    if record["status"] != "FINISHED":
-        return f"{record['run_name']}: FAILED {record['error']}"
+    m, tags = record.metrics, record.tags
+    if not record.ok:
+        return f"{record.run_name}: FAILED {record.error}"
     series = [k[4:-3] for k in m if k.startswith("fwd_") and k.endswith("_us")]
     series = [s for s in series if s != "eager"]  # the first baseline again
     times = ", ".join(
         f"{s} {m[f'fwd_{s}_us']:.0f}" + (f"/{m[f'bwd_{s}_us']:.0f}" if f"bwd_{s}_us" in m else "")
         for s in series
     )
-    text = f"{record['run_name']}: fwd/bwd us {times}; kernels {families(record)}"
+    text = f"{record.run_name}: fwd/bwd us {times}; kernels {families(record)}"
     for tag in ("flexbench.baseline_skipped", "flexbench.baseline_inexact"):
         if tag in tags:
             text += f"; {tag.split('.')[1]}: {tags[tag]}"
     return text
 
 
-def run_part(part: str, out: Path, slice_: tuple[int, int] = (0, 1)) -> list[dict]:
+def run_part(part: str, out: Path, slice_: tuple[int, int] = (0, 1)) -> list[RunRecord]:
     """Measure one part (its `slice_` I/N of configs); every record appended to
     DIR/<part>[.I-of-N].jsonl as it lands."""
     from flexbench import pipeline
     from flexbench.config import shard
-    from flexbench.record import RunRecord
 
     label = f".{slice_[0]}-of-{slice_[1]}" if slice_[1] > 1 else ""
     path = out / f"{part}{label}.jsonl"
     path.write_text("", encoding="utf-8")
-    records: list[dict] = []
+    records: list[RunRecord] = []
 
     def keep(result) -> None:
-        record = RunRecord.from_result(result).to_journal()
+        record = RunRecord.from_result(result)
         records.append(record)
         with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record.to_journal()) + "\n")
         print(line(record), flush=True)
 
     pipeline.measure_configs(shard(part_configs(part), *slice_), keep, progress=False)
     return records
 
 
-def tables(records: list[dict]) -> str:
+def tables(records: list[RunRecord]) -> str:
     """The seed's tables with the baseline column and the Baselines table."""
     from flexbench import report
-    from flexbench.record import RunRecord
 
-    return report.seed_tables([RunRecord.from_journal(r).to_row() for r in records])
+    return report.seed_tables(rows(records))
 
 
 def main() -> None:
@@ -154,8 +154,8 @@ def main() -> None:
         records = run_part(part, args.out, (index, count))
         result["parts"][part] = {
             "wall_s": time.perf_counter() - start,
-            "records": records,
-            "families": {r["run_name"]: families(r) for r in records},
+            "records": [r.to_journal() for r in records],
+            "families": {r.run_name: families(r) for r in records},
         }
         markdown += [f"## {part}", "", tables(records), ""]
         name = "baselines" + (f".{index}-of-{count}" if count > 1 else "")

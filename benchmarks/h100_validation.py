@@ -219,7 +219,6 @@ def speed_child(method: str, out_dir: Path, tag: str) -> dict:
     """One timed method in this (fresh) process: the seed's loop, or `flexbench run` (one GPU,
     or `--gpus all`) tracked to SQLite under out_dir, as the CLI would run it."""
     from flexbench import report, sweep
-    from flexbench.record import RunRecord
     from flexbench.spec import SweepSpec
     from flexbench.tracking_settings import TrackingSettings
 
@@ -240,7 +239,7 @@ def speed_child(method: str, out_dir: Path, tag: str) -> dict:
         gpus="all" if method == "flexbench_gpus" else None,
     )
     inner = time.perf_counter() - start
-    rows = [RunRecord.from_journal(r).to_row() for r in outcome.records]
+    rows = [r.to_row() for r in outcome.records]
     return {
         "inner_s": inner,
         "sweep_id": outcome.sweep_id,

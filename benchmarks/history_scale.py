@@ -33,6 +33,7 @@ from summary_scale import ENV, record  # noqa: E402
 
 from flexbench import history, tracking  # noqa: E402
 from flexbench.config import BenchConfig  # noqa: E402
+from flexbench.record import RunRecord  # noqa: E402
 from flexbench.spec import SweepSpec
 
 TARGET_S = 5.0
@@ -57,15 +58,16 @@ def seed_configs() -> list[BenchConfig]:
     ).configs()
 
 
-def nightly(c: BenchConfig, index: int, sweep: int) -> dict:
+def nightly(c: BenchConfig, index: int, sweep: int) -> RunRecord:
     """The config's steady record (seeded per config) with this sweep's 1% jitter."""
     rec = record(c, random.Random(index))
     jitter = random.Random(index * 1000 + sweep).uniform(0.99, 1.01)
     slow = SLOWDOWN if c.run_name() == SLOW_CONFIG and sweep >= SLOW_FROM else 1.0
-    for key in list(rec["metrics"]):
+    metrics = dict(rec.metrics)
+    for key in metrics:
         if key.endswith(("_us", "_us_p20", "_us_p80")):
-            rec["metrics"][key] *= jitter * (slow if "compiled" in key else 1.0)
-    return rec
+            metrics[key] *= jitter * (slow if "compiled" in key else 1.0)
+    return rec.with_run(metrics=metrics)
 
 
 def write(uri: str, sweeps: int) -> None:

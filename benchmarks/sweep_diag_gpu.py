@@ -32,6 +32,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flexbench.record import RunRecord
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -242,19 +246,13 @@ def child(spec: dict, argv: list[str]) -> None:
 # --- reading a run back ----------------------------------------------------------------------
 
 
-def journal_results(path: Path) -> list[dict]:
-    """The `result` entries of a journal (plain JSON lines; torn lines skipped)."""
-    out = []
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and entry.get("type") == "result":
-            out.append(entry)
-    return out
+def journal_results(path: Path) -> list[RunRecord]:
+    """The results a journal holds (torn lines skipped)."""
+    from flexbench import tracking
+    from flexbench.record import RunRecord
+
+    entries = tracking.Journal(path).entries()
+    return [RunRecord.from_journal(e) for e in entries if e["type"] == "result"]
 
 
 def series_of(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -278,13 +276,9 @@ def series_of(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_series(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+def run_series(results: list[RunRecord]) -> dict[str, dict[str, dict[str, float]]]:
     """Per config run name, its series (series_of), for FINISHED results."""
-    return {
-        r["run_name"]: series_of(r.get("metrics", {}))
-        for r in results
-        if r.get("status") == "FINISHED"
-    }
+    return {r.run_name: series_of(dict(r.metrics)) for r in results if r.ok}
 
 
 def sampling_totals(series: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:

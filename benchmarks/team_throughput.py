@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from flexbench.record import RunRecord  # noqa: E402
 from tests.servers import MlflowServer  # noqa: E402
 from tests.test_team_server import START  # noqa: E402
 
@@ -55,25 +56,21 @@ class TeamServer(MlflowServer):
         return self
 
 
-def synthetic_entry(sweep_id: str, part_id: str, i: int) -> dict:
-    """A result entry shaped like a real config's (15 params, 20 metrics, 10 env tags)."""
-    params = {f"p{k}": str(k * i) for k in range(15)}
-    metrics = {f"m{k}": float(k + i) for k in range(20)}
-    tags = {f"env{k}": f"value{k}" for k in range(10)}
+def synthetic_entry(sweep_id: str, part_id: str, i: int) -> RunRecord:
+    """A result record shaped like a real config's (15 params, 20 metrics, 10 env tags)."""
     now = int(time.time() * 1000)
-    return {
-        "tags": tags,
-        "sweep_id": sweep_id,
-        "part_id": part_id,
-        "config_key": f"key{i}",
-        "record_id": uuid.uuid4().hex,
-        "run_name": f"config {i}",
-        "metrics": metrics,
-        "params": params,
-        "status": "FINISHED",
-        "start_ms": now,
-        "end_ms": now,
-    }
+    return RunRecord(
+        config_key=f"key{i}",
+        run_name=f"config {i}",
+        params={f"p{k}": str(k * i) for k in range(15)},
+        metrics={f"m{k}": float(k + i) for k in range(20)},
+        tags={f"env{k}": f"value{k}" for k in range(10)},
+        record_id=uuid.uuid4().hex,
+        sweep_id=sweep_id,
+        part_id=part_id,
+        start_ms=now,
+        end_ms=now,
+    )
 
 
 def client_loop(uri: str, user: str, password: str, experiment: str, seconds: float, q) -> None:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.server
 from tabulate import tabulate  # noqa: E402
 
 from flexbench import env, tracking  # noqa: E402
+from flexbench.record import RunRecord  # noqa: E402
 from flexbench.spec import SweepSpec  # noqa: E402
 from tests.servers import MlflowServer  # noqa: E402
 
@@ -37,22 +38,16 @@ METRICS = (
 LEAN_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def entries(n: int, sweep: dict) -> list[dict]:
-    """n journal `result` entries with the contract's params, metrics and tags."""
+def entries(n: int, sweep: dict) -> list[RunRecord]:
+    """n result records with the contract's params, metrics and tags."""
     mods = ["noop", "causal", "alibi", "softcap", "sliding_window", "document_mask"]
     configs = SweepSpec([1, 2, 4, 8, 16], [16], [512, 1024, 4096], [64, 128], mods,
                            device="cpu").configs()  # fmt: skip
     now = int(time.time() * 1000)
     out = []
     for c in configs[:n]:
-        record = {
-            "config_key": c.config_key(),
-            "run_name": c.run_name(),
-            "params": c.params(),
-            "metrics": {m: random.uniform(0.1, 100.0) for m in METRICS},
-            "status": "FINISHED",
-            "error": None,
-        }
+        metrics = {m: random.uniform(0.1, 100.0) for m in METRICS}
+        record = RunRecord(c.config_key(), c.run_name(), c.params(), metrics)
         out.append(tracking.result_entry(record, sweep, sweep["tags"], now, now + 1))
     return out
 
@@ -70,21 +65,21 @@ def sweep_entry(tags: dict[str, str]) -> dict:
     }
 
 
-def per_call(client, exp_id: str, parent: str, entry: dict) -> str:
+def per_call(client, exp_id: str, parent: str, record: RunRecord) -> str:
     """The same child run, one HTTP round trip per param, metric and tag."""
-    run_id = client.create_run(exp_id, run_name=entry["run_name"]).info.run_id
+    run_id = client.create_run(exp_id, run_name=record.run_name).info.run_id
     client.set_tag(run_id, tracking.PARENT_TAG, parent)
-    for k, v in entry["tags"].items():
+    for k, v in record.tags.items():
         client.set_tag(run_id, k, v)
-    for k, v in entry["params"].items():
+    for k, v in record.params.items():
         client.log_param(run_id, k, v)
-    for k, v in entry["metrics"].items():
+    for k, v in record.metrics.items():
         client.log_metric(run_id, k, v)
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
-def time_each(fn: Callable[[dict], object], items: list[dict]) -> list[float]:
+def time_each(fn: Callable[[RunRecord], object], items: list[RunRecord]) -> list[float]:
     """Milliseconds per call."""
     out = []
     for item in items:
@@ -108,7 +103,7 @@ def measure(uri: str, n: int, n_per_call: int, tags: dict[str, str]) -> dict[str
 
 def journal_ms(n: int, tags: dict[str, str], root: Path) -> list[float]:
     journal = tracking.Journal(root / "journal.jsonl")
-    return time_each(journal.append, entries(n, sweep_entry(tags)))
+    return time_each(lambda r: journal.append(r.to_journal()), entries(n, sweep_entry(tags)))
 
 
 def row(where: str, how: str, ms: list[float]) -> list[object]:

@@ -25,6 +25,7 @@ EXPORTS = {
     "TrackingSettings": ("flexbench.tracking_settings", "TrackingSettings"),
     "BenchConfig": ("flexbench.config", "BenchConfig"),
     "Selection": ("flexbench.query", "Selection"),
+    "RunRecord": ("flexbench.record", "RunRecord"),  # a config run: Outcome.records
 }
 __all__ = list(EXPORTS)
 

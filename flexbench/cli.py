@@ -247,7 +247,7 @@ def _default_device(device: str) -> str:
     "dtypes",
     multiple=True,
     callback=dtype_list,
-    help="float16, bfloat16, float32 [default: bfloat16 on CUDA, float32 on CPU]",
+    help=f"{', '.join(choices.DTYPES)} [default: bfloat16 on CUDA, float32 on CPU]",
 )
 @click.option(
     "--kv-heads",
@@ -339,8 +339,8 @@ def _default_device(device: str) -> str:
     default=("auto",),
     callback=flex_backend_list,
     show_default=True,
-    help="flex's kernel_options BACKEND, an axis of the sweep: auto, triton, flash, "
-    "triton_decode (a backend that cannot run fails its config, never falls back)",
+    help=f"flex's kernel_options BACKEND, an axis of the sweep: {', '.join(choices.FLEX_BACKENDS)} "
+    "(a backend that cannot run fails its config, never falls back)",
 )
 @click.option(
     "--align",

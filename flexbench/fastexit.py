@@ -1,9 +1,9 @@
 """End a `flexbench` process without the interpreter's teardown once its command is done.
 
 After a command that loaded torch or MLflow (run, tune, sync), CPython's finalization -- module
-teardown, freeing every object, native destructors -- takes seconds (about 2 s on a 2-core
-machine after a compiled CPU sweep) and does nothing for the results: journal lines are
-fsynced as written, MLflow's writes are committed, compile workers are gone. So the process
+teardown, freeing every object, native destructors -- takes seconds (BENCHMARKS.md, "Figures
+the code cites") and does nothing for the results: journal lines are fsynced as written,
+MLflow's writes are committed, compile workers are gone. So the process
 runs what a normal exit runs that can matter -- threading's shutdown (non-daemon threads
 joined, executors drained), the atexit handlers (logging, inductor's compile pool,
 multiprocessing, temporary files) and a flush of stdout and stderr -- and then `os._exit`

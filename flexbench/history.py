@@ -56,7 +56,8 @@ METRICS = (
 
 def stdev(values: Sequence[float]) -> float:
     """Sample standard deviation (n - 1); 0 for fewer than two values. In floats: the
-    statistics module's exact fractions cost a second over 7,200 points."""
+    statistics module's exact fractions are slow over a long history (BENCHMARKS.md,
+    "Figures the code cites")."""
     n = len(values)
     if n < 2:
         return 0.0

@@ -9,9 +9,8 @@ Two readers give the same rows for the same filters:
 - `MlflowReader` (any tracking URI): paginated `search_runs`, filtered on the server.
 - `SqlReader` (a database store: sqlite, postgresql, mysql): reads MLflow's own tables
   (`runs`, `tags`, `params`, `latest_metrics`) with four plain queries. MLflow's SQL store
-  builds ~55 ORM objects per run and expires them all on commit: for 10,000 runs on the
-  project's busy 2-core machine, search_runs took 56 s (15-20 s with the garbage collector
-  paused), the four queries 1.4-3.5 s (benchmarks/summary_scale.py).
+  builds dozens of ORM objects per run and expires them all on commit, so search_runs is
+  many times slower over thousands of runs (BENCHMARKS.md, "Figures the code cites").
 """
 
 from __future__ import annotations
@@ -166,8 +165,9 @@ def row_from_run(info: dict, tags: dict, params: dict, metrics: dict) -> dict:
 
 @contextmanager
 def no_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building many objects (a third of the time of
-    a 10,000-run read goes to collections that find nothing)."""
+    """Pause the cyclic garbage collector while building many objects (a large read otherwise
+    spends much of its time in collections that find nothing: BENCHMARKS.md, "Figures the
+    code cites")."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -418,8 +418,9 @@ def reader(tracking_uri: str | None = None) -> Iterator[MlflowReader | SqlReader
 @contextmanager
 def read_timeout() -> Iterator[None]:
     """A per-request HTTP timeout long enough for a search page of a big experiment (unless
-    the user set one): fast_http's few seconds suit logging, but one 1,000-run page took
-    8-16 s on a loaded `mlflow server` here. A dead server still fails at once (refused)."""
+    the user set one): fast_http's few seconds suit logging, not a 1,000-run page from a
+    loaded `mlflow server` (BENCHMARKS.md, "Figures the code cites"). A dead server still
+    fails at once (refused)."""
     added = READ_TIMEOUT_ENV not in os.environ
     os.environ.setdefault(READ_TIMEOUT_ENV, READ_TIMEOUT_S)
     try:

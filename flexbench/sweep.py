@@ -37,7 +37,7 @@ from flexbench import (
     tracking,
 )
 from flexbench.config import BenchConfig, peak_bytes, shard
-from flexbench.record import RunRecord
+from flexbench.record import RunRecord, rows
 from flexbench.spec import SweepSpec
 from flexbench.tracking_settings import TrackingSettings
 
@@ -50,7 +50,7 @@ class Outcome:
     """What a sweep did: its records, counts, and why tracking went offline (if it did)."""
 
     sweep_id: str
-    records: list[dict] = field(default_factory=list)  # journal entries (RunRecord.to_journal)
+    records: list[RunRecord] = field(default_factory=list)  # in sweep order
     skipped: int = 0
     offline: str | None = None
     run_id: str = ""
@@ -68,7 +68,7 @@ class Outcome:
 
     @property
     def failed(self) -> int:
-        return sum(r["status"] != "FINISHED" for r in self.records)
+        return sum(not r.ok for r in self.records)
 
     @property
     def exit_code(self) -> int:
@@ -77,7 +77,7 @@ class Outcome:
         return 1 if self.failed or self.offline or self.problems else 0
 
     def tables(self) -> str:
-        return report.seed_tables([RunRecord.from_journal(r).to_row() for r in self.records])
+        return report.seed_tables(rows(self.records))
 
 
 def now_ms() -> int:
@@ -95,13 +95,13 @@ def measure_and_track(
     sweep_params: dict[str, str] | None = None,
     progress: bool = True,
     warn: Callable[[str], None] = print,
-    on_result: Callable[[dict], None] | None = None,
+    on_result: Callable[[RunRecord], None] | None = None,
     compile_workers: int = 0,
     compile_cache: str | None = None,
 ) -> Outcome:
     """Measure, journal and log every config under one sweep run; never loses a result.
 
-    `on_result` sees each journal entry once it is journalled; its child run is logged on a
+    `on_result` sees each record once it is journalled; its child run is logged on a
     background thread (`Tracker.log_later`), all of them before this returns.
     `compile_workers` processes compile configs ahead of measuring; `compile_cache` is a file
     of torch cache artifacts loaded before and saved after (precompile.compile_cache).
@@ -139,12 +139,11 @@ def measure_and_track(
             record = tracking.result_entry(RunRecord.from_result(result), sweep, mine, last[0], end)
             last[0] = end
             tracker.log_later(record)
-            entry = record.to_journal()
-            out.records.append(entry)
+            out.records.append(record)
             warn_offline(tracker, out, warn)
             warn_journal(tracker, out, warn)
             if on_result is not None:
-                on_result(entry)
+                on_result(record)
             phases["tracking"] += time.perf_counter() - start_log
 
         pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
@@ -156,8 +155,7 @@ def measure_and_track(
     out.phases = phase_metrics(phases)
     tracker.finish(
         lambda: artifacts.for_sweep(
-            [RunRecord.from_journal(e) for e in out.records],
-            history.recent_trends(tracker.uri, tracker.exp_id),
+            out.records, history.recent_trends(tracker.uri, tracker.exp_id)
         ),
         metrics=out.phases,
         status="KILLED" if out.interrupted else None,
@@ -488,7 +486,7 @@ def run_on_gpus(
         for device, proc, result in workers:
             _collect(out, device, proc.wait(), result)
     order = {c.config_key(): i for i, c in enumerate(configs)}
-    out.records.sort(key=lambda r: order.get(r.get("config_key"), len(order)))
+    out.records.sort(key=lambda r: order.get(r.config_key, len(order)))
     out.wall_s = time.perf_counter() - start
     return out
 
@@ -533,7 +531,7 @@ def _collect(out: Outcome, device: str, code: int, result: Path) -> None:
             "(its results so far are in the journal)"
         )
         return
-    part = Outcome(**json.loads(result.read_text(encoding="utf-8")))
+    part = from_wire(json.loads(result.read_text(encoding="utf-8")))
     out.records += part.records
     out.skipped += part.skipped
     out.offline = out.offline or part.offline
@@ -560,8 +558,19 @@ def worker(job_path: str, result_path: str) -> int:
         progress=False,
         warn=lambda m: warn_stderr(prefix + m),
     )
-    Path(result_path).write_text(json.dumps(asdict(outcome)), encoding="utf-8")
+    Path(result_path).write_text(json.dumps(to_wire(outcome)), encoding="utf-8")
     return 0
+
+
+def to_wire(out: Outcome) -> dict:
+    """A worker's Outcome as JSON: its records as journal entries (`RunRecord.to_journal`)."""
+    return {**asdict(out), "records": [r.to_journal() for r in out.records]}
+
+
+def from_wire(data: dict) -> Outcome:
+    """The Outcome a worker wrote with `to_wire`."""
+    records = [RunRecord.from_journal(e) for e in data["records"]]
+    return Outcome(**{**data, "records": records})
 
 
 def warn_stderr(message: str) -> None:

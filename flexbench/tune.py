@@ -226,11 +226,11 @@ def plan(
 
 @dataclass
 class TuneOutcome:
-    """What a tune did: candidate entries (measured, skipped), default vs best per config."""
+    """What a tune did: candidate records (measured, skipped), default vs best per config."""
 
     sweep_id: str
-    records: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
+    records: list[RunRecord] = field(default_factory=list)
+    skipped: list[RunRecord] = field(default_factory=list)
     results: list[dict] = field(default_factory=list)
     offline: str | None = None
     run_id: str = ""
@@ -240,7 +240,7 @@ class TuneOutcome:
 
     @property
     def failed(self) -> int:
-        return sum(r["status"] != "FINISHED" for r in self.records)
+        return sum(not r.ok for r in self.records)
 
     @property
     def unsolved(self) -> bool:
@@ -324,7 +324,7 @@ class Session:
             entry = entry.with_run(kind="skipped")
             if self.tune_run:
                 t.step(tracking.log_child, t.client, t.exp_id, self.tune_run, entry)
-            self.out.skipped.append(entry.to_journal())
+            self.out.skipped.append(entry)
             self.entries.append(entry)
 
     def log(self, p: Plan, cand: Candidate, result: measure.Result) -> None:
@@ -333,7 +333,7 @@ class Session:
         record = self._entry(p, cand, RunRecord.from_result(result), self.last_ms, end)
         self.last_ms = end
         record = record.with_run(run_id=self.tracker.log(record, self.tune_run) or "")
-        self.out.records.append(record.to_journal())
+        self.out.records.append(record)
         self.entries.append(record)
 
     def stop(self) -> None:
@@ -412,8 +412,7 @@ def tune_sweep(
     if out.interrupted:
         session.stop()
     status = "KILLED" if out.interrupted else None
-    records = [RunRecord.from_journal(e) for e in out.records]
-    tracker.finish(lambda: artifacts.for_sweep(records), failed=out.unsolved, status=status)
+    tracker.finish(lambda: artifacts.for_sweep(out.records), failed=out.unsolved, status=status)
     if not tracker.offline and tracker.run_id:
         tracker.step(tracker.client.log_text, tracker.run_id, tune_markdown(out), "tune.md")
     _warn_offline(tracker, out, warn)

@@ -40,12 +40,12 @@ def swept(mlflow_server, tmp_path_factory):
         progress=False,
         warn=print,
     )
-    assert out.offline is None and out.failed == 0, [r["error"] for r in out.records]
-    return {r["params"]["score_mod"]: r for r in out.records} | {"outcome": out}
+    assert out.offline is None and out.failed == 0, [r.error for r in out.records]
+    return {r.params["score_mod"]: r for r in out.records} | {"outcome": out}
 
 
 def test_every_named_baseline_is_checked_and_timed_with_its_own_metrics(swept):
-    m = swept["causal"]["metrics"]
+    m = swept["causal"].metrics
     for name in MEASURED:
         assert 0 < m[f"fwd_{name}_us_p20"] <= m[f"fwd_{name}_us"] <= m[f"fwd_{name}_us_p80"]
         assert m[f"fwd_speedup_{name}"] == pytest.approx(m[f"fwd_{name}_us"] / m["fwd_compiled_us"])
@@ -56,33 +56,33 @@ def test_every_named_baseline_is_checked_and_timed_with_its_own_metrics(swept):
 
 def test_first_baseline_fills_the_seeds_names(swept):
     r = swept["causal"]
-    m = r["metrics"]
+    m = r.metrics
     assert m["fwd_eager_us"] == m["fwd_sdpa_us"] and m["fwd_eager_us_p80"] == m["fwd_sdpa_us_p80"]
     assert m["fwd_speedup"] == m["fwd_speedup_sdpa"]
     assert m["baseline_max_abs_err"] == m["sdpa_max_abs_err"]
-    assert r["params"]["baseline"] == "sdpa_is_causal" and r["params"]["baselines"] == ALL_CPU
+    assert r.params["baseline"] == "sdpa_is_causal" and r.params["baselines"] == ALL_CPU
 
 
 def test_cuda_only_baseline_on_cpu_is_skipped_with_the_reason(swept):
     r = swept["causal"]
-    assert r["status"] == "FINISHED"
-    skipped = r["tags"][schema.BASELINE_SKIPPED_TAG]
+    assert r.status == "FINISHED"
+    skipped = r.tags[schema.BASELINE_SKIPPED_TAG]
     assert skipped == "sdpa_cudnn: needs CUDA (this config runs on cpu)"
 
 
 def test_sdpa_cannot_compute_softcap_so_eager_math_is_first(swept):
     r = swept["softcap:30"]
-    skipped = report.tag_entries(RunRecord.from_journal(r).to_row(), schema.BASELINE_SKIPPED_TAG)
+    skipped = report.tag_entries(r.to_row(), schema.BASELINE_SKIPPED_TAG)
     assert set(skipped) == {"sdpa", "sdpa_math", "sdpa_cudnn"}
     assert skipped["sdpa"].startswith("SDPA cannot compute this mod")
-    m = r["metrics"]
-    assert r["status"] == "FINISHED" and r["params"]["baseline"] == "eager_math"
+    m = r.metrics
+    assert r.status == "FINISHED" and r.params["baseline"] == "eager_math"
     assert m["fwd_eager_us"] == m["fwd_eager_math_us"] and "fwd_sdpa_us" not in m
     assert m["inductor_math_max_abs_err"] < 1e-4  # compiled dense math of the same function
 
 
 def test_kernels_that_ran_are_tagged_per_side(swept):
-    tags = swept["causal"]["tags"]
+    tags = swept["causal"].tags
     assert tags["flexbench.flex_kernels"] == "CompiledFxGraph"  # inductor's C++ on CPU
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in tags["flexbench.sdpa_kernels"]
     assert "aten::_scaled_dot_product_attention_math" in tags["flexbench.sdpa_math_kernels"]
@@ -94,11 +94,11 @@ def test_kernels_that_ran_are_tagged_per_side(swept):
 
 def test_bf16_bias_baseline_passes_but_is_marked_approximate(swept):
     r = swept["rel"]
-    assert r["status"] == "FINISHED" and "fwd_speedup" in r["metrics"]
+    assert r.status == "FINISHED" and "fwd_speedup" in r.metrics
     tol = 3e-2 + 3e-2 * 1  # bf16 atol + rtol * max|out| (>= 1 here)
-    assert r["metrics"]["sdpa_max_abs_err"] > tol > r["metrics"]["max_abs_err"]
-    assert r["tags"][measure.INEXACT_TAG].startswith("sdpa: approximate (bf16 mask), out max_abs")
-    assert "approximate" not in swept["causal"]["tags"].get(measure.INEXACT_TAG, "")
+    assert r.metrics["sdpa_max_abs_err"] > tol > r.metrics["max_abs_err"]
+    assert r.tags[measure.INEXACT_TAG].startswith("sdpa: approximate (bf16 mask), out max_abs")
+    assert "approximate" not in swept["causal"].tags.get(measure.INEXACT_TAG, "")
 
 
 def test_summary_shows_family_approximation_and_every_baseline(mlflow_server, swept, capsys):
@@ -125,26 +125,25 @@ def test_summary_shows_family_approximation_and_every_baseline(mlflow_server, sw
     assert named["eager_math"]["timed"] == 2 and named["inductor_math"]["kernels"] == "inductor"
 
 
-def _quiet(record: dict) -> dict:
+def _quiet(record: RunRecord) -> RunRecord:
     """Every timing's p20/p80 at median -/+ 1%, converged (a quiet GPU; a busy CPU is not)."""
-    out = copy.deepcopy(record)
-    m = out["metrics"]
+    m = dict(record.metrics)
     for key in [k for k in m if k.endswith("_us")]:
         m[f"{key}_p20"], m[f"{key}_p80"] = m[key] * 0.99, m[key] * 1.01
         m[f"{key[:-3]}_unconverged"] = 0.0
-    return out
+    return record.with_run(metrics=m)
 
 
-def _slower(record: dict, name: str, factor: float) -> dict:
-    out = copy.deepcopy(record)
+def _slower(record: RunRecord, name: str, factor: float) -> RunRecord:
+    m = dict(record.metrics)
     for key in (f"fwd_{name}_us", f"fwd_{name}_us_p20", f"fwd_{name}_us_p80"):
-        out["metrics"][key] *= factor
-    return out
+        m[key] *= factor
+    return record.with_run(metrics=m)
 
 
 def test_compare_matches_baselines_by_name(mlflow_server, swept):
     real = [_quiet(record_of(swept[k])) for k in ("causal", "softcap:30")]
-    tags = swept["outcome"].records[0]["tags"]
+    tags = swept["outcome"].records[0].tags
     base = log_sweep(mlflow_server.uri, "baselines-compare", real, tags, "base")
     slow = log_sweep(mlflow_server.uri, "baselines-compare",
                      [_slower(r, "eager_math", 1.5) for r in real], tags, "eager_math slower")
@@ -161,7 +160,7 @@ def test_compare_matches_baselines_by_name(mlflow_server, swept):
 
 
 def test_one_config_table_still_names_the_baselines_family(swept):
-    text = report.results_table([RunRecord.from_journal(swept["softcap:30"]).to_row()])
+    text = report.results_table([swept["softcap:30"].to_row()])
     header = text.splitlines()[0]
     assert "| baseline " in header and "fwd_eager_math_us" in header  # the side named
     assert "eager_math [math]" in text.splitlines()[2]
@@ -175,7 +174,7 @@ def test_timing_conditions_name_the_first_baseline_once():
 
 
 def test_compare_never_pairs_different_first_baselines(swept):
-    base = RunRecord.from_journal(swept["causal"]).to_row()
+    base = swept["causal"].to_row()
     other = copy.deepcopy(base)
     other["baseline"], other["baselines"] = "eager_math", "eager_math,sdpa"
     other["fwd_eager_us"] = other["fwd_eager_math_us"]

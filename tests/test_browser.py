@@ -91,9 +91,9 @@ def test_child_runs_and_speedup_visible_in_mlflow_ui(mlflow_server, ui_sweep, tm
     from mlflow.tracking import MlflowClient
 
     exp_id = MlflowClient(mlflow_server.uri).get_experiment_by_name(EXPERIMENT).experiment_id
-    names = [r["run_name"] for r in ui_sweep.records]
+    names = [r.run_name for r in ui_sweep.records]
     # The table prints the full float (JS and Python print the same shortest repr): a prefix.
-    speedups = [str(r["metrics"]["fwd_speedup"])[:6] for r in ui_sweep.records]
+    speedups = [str(r.metrics["fwd_speedup"])[:6] for r in ui_sweep.records]
     with ui_page({"width": 1920, "height": 900}, tmp_path / "mlflow-runs.png") as page:
         page.goto(mlflow_view.runs_page(mlflow_server.uri, exp_id))
         parent = page.get_by_role("row").filter(has_text="ui sweep")
@@ -130,4 +130,4 @@ def test_report_html_opens_from_the_artifact_view(mlflow_server, ui_sweep, tmp_p
         assert heatmap.evaluate("img => img.complete && img.naturalWidth > 300")
         assert report.get_by_text("Speedup of compiled flex over SDPA").is_visible()
         for record in ui_sweep.records:
-            assert report.get_by_text(record["run_name"], exact=True).count() == 1
+            assert report.get_by_text(record.run_name, exact=True).count() == 1

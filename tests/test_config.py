@@ -311,20 +311,14 @@ def test_run_with_config_file_logs_its_hash_as_a_sweep_param(tmp_path, capsys):
     from mlflow import MlflowClient
 
     from flexbench import env
+    from flexbench.record import RunRecord
     from tests.test_report import log_sweep
 
     path = tmp_path / "shapes.yaml"
     path.write_text(SHAPES_YAML.splitlines()[1] + "\n")
     (config,), sha = configs_from_file(path, device="cpu")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = {
-        "config_key": config.config_key(),
-        "run_name": config.run_name(),
-        "params": config.params(),
-        "metrics": {},
-        "status": "FINISHED",
-        "error": None,
-    }
+    done = RunRecord(config.config_key(), config.run_name(), config.params())
     log_sweep(uri, "flexbench", [done], env.capture("cpu"), "measured before")
     args = ["run", "--device", "cpu", "--config", str(path), "--tracking-uri", uri, "--resume"]
     code, err = run_main([*args, "-b", "2"], capsys)

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from flexbench import artifacts, sweep, tracking
 from flexbench.cli import main
+from flexbench.record import RunRecord
 from flexbench.tracking_settings import TrackingSettings
 from tests.test_tracking import children, dead_uri, runs_of_kind, tiny
 
@@ -183,7 +184,7 @@ def test_offline_then_resume_online_then_sync_gives_each_config_once(mlflow_serv
         progress=False,
         warn=warnings.append,
     )
-    assert second.skipped == 1 and [r["params"]["score_mod"] for r in second.records] == ["causal"]
+    assert second.skipped == 1 and [r.params["score_mod"] for r in second.records] == ["causal"]
     assert any("skipped 1 of 2" in w and "journal" in w for w in warnings)
     report = artifacts.sync(tracking.Journal(journal), mlflow_server.uri)
     assert report.uploaded == 1
@@ -220,7 +221,7 @@ def test_killed_between_journal_and_log_then_resume_and_sync_once(offline, mlflo
         progress=False,
         warn=lambda m: None,
     )
-    assert out.skipped == 1 and [r["params"]["score_mod"] for r in out.records] == ["causal"]
+    assert out.skipped == 1 and [r.params["score_mod"] for r in out.records] == ["causal"]
     first = artifacts.sync(journal, mlflow_server.uri)
     again = artifacts.sync(journal, mlflow_server.uri)
     assert (first.uploaded, again.uploaded, again.already) == (1, 0, 0)
@@ -254,7 +255,7 @@ def test_journal_failing_mid_sweep_loses_nothing(mlflow_server, tmp_path, monkey
     real.touch()
     link.symlink_to(real)
 
-    def fill_disk(entry: dict) -> None:
+    def fill_disk(record: RunRecord) -> None:
         link.unlink()
         link.symlink_to("/dev/full")
 
@@ -287,7 +288,7 @@ def test_journal_failing_mid_sweep_loses_nothing(mlflow_server, tmp_path, monkey
 
 
 def test_sigint_ends_the_sweep_run_killed_with_a_resume_line(mlflow_server, tmp_path):
-    def interrupt(entry: dict) -> None:
+    def interrupt(record: RunRecord) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
     out = sweep.measure_and_track(

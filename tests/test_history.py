@@ -83,7 +83,7 @@ def test_sparkline_scales_between_min_and_max():
 # --- a real store ----------------------------------------------------------------------------
 
 
-def record(config: BenchConfig, sweep: int) -> dict:
+def record(config: BenchConfig, sweep: int) -> RunRecord:
     """A config's result in sweep `sweep` (1-based): steady timings with a little jitter;
     causal 30% slower from SLOW_FROM on."""
     jitter = 1 + JITTER[sweep - 1]
@@ -94,14 +94,7 @@ def record(config: BenchConfig, sweep: int) -> dict:
     metrics = {"fwd_eager_us": eager, "fwd_compiled_us": fwd, "fwd_speedup": eager / fwd}
     for name in ("fwd_eager_us", "fwd_compiled_us"):
         metrics[f"{name}_p20"], metrics[f"{name}_p80"] = metrics[name] * 0.99, metrics[name] * 1.01
-    return {
-        "config_key": config.config_key(),
-        "run_name": config.run_name(),
-        "params": config.params(),
-        "metrics": metrics,
-        "status": "FINISHED",
-        "error": None,
-    }
+    return RunRecord(config.config_key(), config.run_name(), config.params(), metrics)
 
 
 def log_sweep(
@@ -121,9 +114,7 @@ def log_sweep(
     }
     parent = tracking.start_sweep_run(client, exp_id, entry)
     for i, c in enumerate(configs):
-        result = tracking.result_entry(
-            RunRecord(**record(c, sweep)), entry, env, start + i, start + i + 1
-        )
+        result = tracking.result_entry(record(c, sweep), entry, env, start + i, start + i + 1)
         tracking.log_child(client, exp_id, parent, result)
 
 

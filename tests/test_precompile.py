@@ -63,7 +63,7 @@ def swept(fresh_cache, mlflow_server):
         TrackingSettings("precompile", mlflow_server.uri, str(fresh_cache / "journal.jsonl")),
         progress=False,
         warn=print,
-        on_result=lambda entry: seen.append(_cache_counts()),
+        on_result=lambda record: seen.append(_cache_counts()),
         compile_workers=1,
     )
     plain = pipeline.measure_configs(SWEEP[:3], progress=False)
@@ -73,7 +73,7 @@ def swept(fresh_cache, mlflow_server):
 
 def test_worker_compiles_the_graph_the_sweep_measures(swept):
     records = swept["out"].records
-    assert [r["status"] for r in records] == ["FAILED", "FINISHED", "FAILED", "FAILED"]
+    assert [r.status for r in records] == ["FAILED", "FINISHED", "FAILED", "FAILED"]
     hits, misses = swept["deltas"][1]
     assert hits >= 1 and misses == 0  # NOOP: the worker's graph, nothing compiled anew here
 
@@ -81,18 +81,18 @@ def test_worker_compiles_the_graph_the_sweep_measures(swept):
 def test_results_match_a_sweep_without_workers(swept):
     records, plain = swept["out"].records, swept["plain"]
     for record, result in zip(records, plain):
-        assert record["error"] == result.error
-        assert {k: record["metrics"].get(k) for k in COMPARED} == {
+        assert record.error == (result.error or "")  # a record has "" for no error
+        assert {k: record.metrics.get(k) for k in COMPARED} == {
             k: result.metrics.get(k) for k in COMPARED
         }
-    assert "boom from a user score_mod" in records[2]["error"]  # raised in the worker
-    assert records[1]["metrics"].keys() == plain[1].metrics.keys()
+    assert "boom from a user score_mod" in records[2].error  # raised in the worker
+    assert records[1].metrics.keys() == plain[1].metrics.keys()
 
 
 def test_a_dead_worker_fails_its_config_only(swept):
-    error = swept["out"].records[3]["error"]
+    error = swept["out"].records[3].error
     assert error.startswith("compile worker died (killed by SIGKILL) compiling this config")
-    assert swept["out"].records[1]["status"] == "FINISHED"  # measured before and unharmed
+    assert swept["out"].records[1].status == "FINISHED"  # measured before and unharmed
 
 
 def test_sweep_run_has_phase_metrics(swept):
@@ -232,8 +232,8 @@ def test_workers_start_once_the_tracker_has_connected(fresh_cache, tmp_path, mon
         [OWN, RAISES], _settings(tmp_path), progress=False, warn=print, compile_workers=1
     )
     assert order == [("connect", []), ("pool", [128, 256])]
-    assert [r["status"] for r in out.records] == ["FAILED", "FAILED"]
-    assert "boom from a user score_mod" in out.records[1]["error"]
+    assert [r.status for r in out.records] == ["FAILED", "FAILED"]
+    assert "boom from a user score_mod" in out.records[1].error
     assert all(p.poll() is not None for _, procs in pools for p in procs)
 
 
@@ -268,4 +268,4 @@ def test_resume_starts_the_workers_on_the_configs_left(fresh_cache, tmp_path, mo
         compile_workers=1,
     )
     assert order == [("connect", []), ("pool", [256, 64])]
-    assert out.skipped == 1 and [r["status"] for r in out.records] == ["FAILED", "FAILED"]
+    assert out.skipped == 1 and [r.status for r in out.records] == ["FAILED", "FAILED"]

@@ -65,6 +65,17 @@ def test_journal_round_trip_keeps_the_record():
     assert journalled(record, versioned=False) == record  # unversioned lines still read
 
 
+def test_a_gpu_workers_outcome_crosses_json_as_journal_entries():
+    from flexbench import sweep
+
+    out = sweep.Outcome("s1", [measured(), measured("FAILED", "boom")], skipped=1, run_id="r1")
+    wire = json.loads(json.dumps(sweep.to_wire(out)))
+    assert wire["records"][1] == out.records[1].to_journal()  # the journal's form on the wire
+    back = sweep.from_wire(wire)
+    assert back == out and all(isinstance(r, RunRecord) for r in back.records)
+    assert back.failed == 1
+
+
 def test_rows_convert_whole_number_params_once():
     row = journalled(measured(), versioned=False).to_row()
     assert row["batch"] == 2 and row["q_len"] == 128 and row["shape"] == "2,4,128,16"

@@ -56,49 +56,48 @@ def flexbench(capsys: pytest.CaptureFixture, command: str) -> tuple[int, str, st
     return code, captured.out, captured.err
 
 
-def record_of(entry: dict) -> dict:
-    """The measured record inside a journal entry (what `RunRecord.from_result` gave)."""
-    keys = ("config_key", "run_name", "params", "metrics", "status", "error")
-    return copy.deepcopy({k: entry[k] for k in keys})
+def record_of(record: RunRecord) -> RunRecord:
+    """The measured part of a sweep's record (what `RunRecord.from_result` gave, no tags)."""
+    r = record
+    return RunRecord(r.config_key, r.run_name, dict(r.params), dict(r.metrics), r.status, r.error)
 
 
-def with_spread(record: dict, relative: float) -> dict:
+def with_spread(record: RunRecord, relative: float) -> RunRecord:
     """p20/p80 of every forward timing set to median -/+ relative*median, converged (a CPU
     sweep on a busy machine may not be)."""
-    out = copy.deepcopy(record)
-    m = out["metrics"]
+    m = dict(record.metrics)
     for t in [k for k in m if k.startswith("fwd_") and k.endswith("_us")]:  # every series
         m[f"{t}_p20"], m[f"{t}_p80"] = m[t] * (1 - relative), m[t] * (1 + relative)
         m[f"{t[:-3]}_unconverged"] = 0.0
-    return out
+    return record.with_run(metrics=m)
 
 
-def slower(record: dict, factor: float) -> dict:
+def slower(record: RunRecord, factor: float) -> RunRecord:
     """Compiled flex `factor` times slower (median and spread), speedup to match."""
-    out = copy.deepcopy(record)
-    m = out["metrics"]
+    m = dict(record.metrics)
     for key in ("fwd_compiled_us", "fwd_compiled_us_p20", "fwd_compiled_us_p80"):
         m[key] *= factor
     m["fwd_compiled_tflops"] /= factor
     m["fwd_speedup"] = m["fwd_eager_us"] / m["fwd_compiled_us"]
-    return out
+    return record.with_run(metrics=m)
 
 
-def longer(record: dict, q_len: int) -> dict:
+def longer(record: RunRecord, q_len: int) -> RunRecord:
     """The same record as if measured at another sequence length (another config)."""
-    out = copy.deepcopy(record)
-    p = out["params"]
+    p = dict(record.params)
     p["q_len"] = p["kv_len"] = str(q_len)
     p["shape"] = f"{p['batch']},{p['heads']},{q_len},{p['head_dim']}"
-    out["run_name"] = out["run_name"].replace(" s128 ", f" s{q_len} ")
-    out["config_key"] = uuid.uuid4().hex[:16]
-    return out
+    return record.with_run(
+        params=p,
+        run_name=record.run_name.replace(" s128 ", f" s{q_len} "),
+        config_key=uuid.uuid4().hex[:16],
+    )
 
 
 def log_sweep(
     uri: str,
     experiment: str,
-    records: list[dict],
+    records: list[RunRecord],
     tags: dict[str, str],
     name: str,
     sweep_id: str | None = None,
@@ -119,9 +118,7 @@ def log_sweep(
         "run_id": None,
     }
     parent = tracking.start_sweep_run(client, exp_id, sweep_entry)
-    entries = [
-        tracking.result_entry(RunRecord(**r), sweep_entry, tags, now, now + 1) for r in records
-    ]
+    entries = [tracking.result_entry(r, sweep_entry, tags, now, now + 1) for r in records]
     for entry in entries:
         tracking.log_child(client, exp_id, parent, entry)
     tracking.finish_sweep_run(client, parent, artifacts.for_sweep(entries), terminate=True)
@@ -150,17 +147,17 @@ def measured(mlflow_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_sweeps(mlflow_server, measured):
     """Experiment `summary`: the real sweep, then the same records under torch 2.10.0."""
-    records = [record_of(e) for e in measured.records]
-    tags = {**measured.records[0]["tags"], "torch": OLD_TORCH}
+    records = [record_of(r) for r in measured.records]
+    tags = {**measured.records[0].tags, "torch": OLD_TORCH}
     old = log_sweep(mlflow_server.uri, "summary", records, tags, "older torch")
-    return {"real": measured.run_id, "old": old, "torch": measured.records[0]["tags"]["torch"]}
+    return {"real": measured.run_id, "old": old, "torch": measured.records[0].tags["torch"]}
 
 
 @pytest.fixture(scope="module")
 def compared(mlflow_server, measured):
     """Experiment `compare`: sweeps derived from the real records, one per comparison."""
-    real = [record_of(e) for e in measured.records]
-    tags = measured.records[0]["tags"]
+    real = [record_of(r) for r in measured.records]
+    tags = measured.records[0].tags
     quiet = [with_spread(r, 0.01) for r in real]  # a quiet GPU's 1% spread
     noisy = [with_spread(r, 0.25) for r in real]  # wider than the 20% change
     sweeps = {
@@ -280,9 +277,9 @@ def test_summary_table_is_the_sweeps_tables_from_mlflow(mlflow_server, measured,
     assert code == 0
     assert f"sweep run {measured.run_id}" in out
     assert "FWD Speedups" in out and "Average" in out
-    for entry in measured.records:
-        assert entry["params"]["score_mod"] in out
-        assert f"{entry['metrics']['fwd_speedup']:.3f}" in out
+    for record in measured.records:
+        assert record.params["score_mod"] in out
+        assert f"{record.metrics['fwd_speedup']:.3f}" in out
 
 
 def test_summary_json_rows_and_aggregates(mlflow_server, measured, capsys):
@@ -294,14 +291,14 @@ def test_summary_json_rows_and_aggregates(mlflow_server, measured, capsys):
     assert code == 0
     data = json.loads(out)
     by_name = {r["run_name"]: r for r in data["rows"]}
-    assert set(by_name) == {e["run_name"] for e in measured.records}
+    assert set(by_name) == {r.run_name for r in measured.records}
     speedups = []
-    for entry in measured.records:
-        row = by_name[entry["run_name"]]
-        assert row["fwd_speedup"] == pytest.approx(entry["metrics"]["fwd_speedup"])
+    for record in measured.records:
+        row = by_name[record.run_name]
+        assert row["fwd_speedup"] == pytest.approx(record.metrics["fwd_speedup"])
         assert row["shape"] == "1,2,128,16" and row["batch"] == 1
         assert row["flexbench.sweep_id"] == measured.sweep_id
-        speedups.append(entry["metrics"]["fwd_speedup"])
+        speedups.append(record.metrics["fwd_speedup"])
     agg = data["aggregates"]
     assert agg["configs_total"] == 2 and agg["configs_failed"] == 0
     assert agg["fwd"]["average"] == pytest.approx(sum(speedups) / 2)
@@ -342,8 +339,8 @@ def test_filters_across_two_sweeps(mlflow_server, two_sweeps):
 
 
 def test_summary_by_sweep_id_unites_shards(mlflow_server, measured):
-    records = [record_of(e) for e in measured.records]
-    tags = measured.records[0]["tags"]
+    records = [record_of(r) for r in measured.records]
+    tags = measured.records[0].tags
     shared = uuid.uuid4().hex[:12]
     shards = [
         log_sweep(mlflow_server.uri, "shards", [rec], tags, f"shard {i}", sweep_id=shared)
@@ -568,8 +565,8 @@ def test_repro_reruns_the_config_and_resume_skips_it(mlflow_server, measured, ca
     assert code == 0 and out.startswith("flexbench run ") and "-mods causal" in out
     assert out.strip() == causal[repro.REPRO_TAG]
     # The same config in an experiment of its own, then the printed command with --resume.
-    entry = next(e for e in measured.records if e["params"]["score_mod"] == "causal")
-    log_sweep(uri, "repro", [record_of(entry)], entry["tags"], "measured once")
+    record = next(r for r in measured.records if r.params["score_mod"] == "causal")
+    log_sweep(uri, "repro", [record_of(record)], record.tags, "measured once")
     again = f"{out.strip().removeprefix('flexbench ')} --experiment repro --resume --quiet"
     code, _, err = flexbench(capsys, f"{again} --tracking-uri {uri}")
     assert code == 0 and "resume: skipped 1 of 1 configs already measured" in err

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from flexbench import sweep
 from flexbench.cli import main
 from flexbench.config import shard
+from flexbench.record import RunRecord
 from flexbench.spec import SweepSpec
 from flexbench.tracking_settings import TrackingSettings
 
@@ -179,5 +180,5 @@ def test_gpu_workers_share_the_sweep_id_and_their_union_is_the_outcome(sharded):
     assert sweep.closing_line(out).endswith(f"sweep runs {out.run_id.replace(',', ', ')}")
 
 
-def keys_of(records: list[dict]) -> list[str]:
-    return [r["config_key"] for r in records]
+def keys_of(records: list[RunRecord]) -> list[str]:
+    return [r.config_key for r in records]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from flexbench.record import RunRecord
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 import sweep_diag_gpu as diag  # noqa: E402
@@ -22,8 +24,8 @@ def metrics(fwd_us: float, samples: float, unconverged: float = 0.0) -> dict[str
     return m
 
 
-def result(name: str, m: dict) -> dict:
-    return {"type": "result", "run_name": name, "status": "FINISHED", "metrics": m}
+def result(name: str, m: dict) -> RunRecord:
+    return RunRecord(f"key-{name}", name, metrics=m)
 
 
 def ev(name: str, t0: float, t1: float, **extra: object) -> dict:

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from flexbench import artifacts, sweep, tracking
 from flexbench.config import BenchConfig
+from flexbench.record import RunRecord
 from flexbench.spec import SweepSpec
 from flexbench.tracking_settings import TrackingSettings
 from tests.servers import MlflowServer, SlowProxy, free_port
@@ -177,7 +178,7 @@ def test_failed_config_is_a_failed_child_and_the_sweep_goes_on(logged):
     assert error and "\n" not in error
     assert "fwd_speedup" not in failed[0].data.metrics
     # the config after the failing one was still measured and logged
-    assert [r["status"] for r in out.records] == ["FINISHED", "FAILED", "FINISHED"]
+    assert [r.status for r in out.records] == ["FINISHED", "FAILED", "FINISHED"]
     assert (out.failed, out.exit_code, out.offline) == (1, 1, None)
 
 
@@ -269,10 +270,10 @@ def test_server_lost_mid_sweep_then_sync_twice(tmp_path):
     try:
         client = MlflowClient(server.uri)
         warnings: list[str] = []
-        seen: list[dict] = []
+        seen: list[RunRecord] = []
 
-        def stop_after_first(entry: dict) -> None:
-            seen.append(entry)
+        def stop_after_first(record: RunRecord) -> None:
+            seen.append(record)
             if len(seen) == 1:
                 server.stop()
 

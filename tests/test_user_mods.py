@@ -333,7 +333,7 @@ def test_a_changed_source_is_measured_again_on_resume(tmp_path, mlflow_server, m
     _fresh(name)
     changed = sweep_once()
     assert (changed.skipped, len(changed.records), changed.failed) == (0, 1, 0)
-    old, new = (o.records[0]["params"] for o in (first, changed))
+    old, new = (o.records[0].params for o in (first, changed))
     assert old["score_mod"] == new["score_mod"] == f"{name}:squeeze"
     assert old["mod_sha"] != new["mod_sha"]
     runs = MlflowClient(mlflow_server.uri).search_runs(
