@@ -42,7 +42,8 @@ SWEEPS = {
 METHODS = ("probe", "seed", "flexbench", "flexbench_w0")
 PHASES = ("cold", "warm")
 RUN_TIMEOUT_S = 420
-BUDGET_S = 540  # the GPU machine's command limit is 600 s: leave time to write the results
+BUDGET_S = 540  # start no run after this (s from the script's start)
+DEADLINE_S = 585  # kill a run still going: the GPU machine's command limit is 600 s
 TARGETS = {"cold": 0.5, "warm": 0.8}  # flexbench wall / seed wall, at most
 CLOSING = re.compile(
     r"sweep (?P<sweep_id>\S+): (?P<configs>\d+) configs, (?P<failed>\d+) failed, "
@@ -239,8 +240,11 @@ def table(result: dict) -> str:
         method, phase = key.split(".")
         if method == "probe":
             continue
-        seed = runs.get(f"seed.{phase}", {}).get("wall_s")
-        ratio = e["wall_s"] / seed if seed and method != "seed" else None
+        seed = runs.get(f"seed.{phase}", {})
+        killed = e.get("returncode") == "timeout"
+        ratio = None
+        if seed.get("returncode", 0) == 0 and "wall_s" in seed and method != "seed" and not killed:
+            ratio = e["wall_s"] / seed["wall_s"]
         target = TARGETS[phase] if method == "flexbench" else None
         met = (
             ""
@@ -251,7 +255,7 @@ def table(result: dict) -> str:
         cells = [
             method,
             phase,
-            f"{e['wall_s']:.1f}",
+            f"killed at {e['wall_s']:.1f}" if killed else f"{e['wall_s']:.1f}",
             f"{ratio:.2f}" if ratio else "",
             met,
             str(e.get("failed", "")),
@@ -272,6 +276,9 @@ def main() -> None:
     ap.add_argument("--phases", default="cold,warm")
     ap.add_argument("--sweep", choices=SWEEPS, default="headline")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no run after this")
+    ap.add_argument(
+        "--deadline-s", type=float, default=DEADLINE_S, help="kill a run still going after this"
+    )
     ap.add_argument("--child-seed", choices=SWEEPS, help=argparse.SUPPRESS)
     ap.add_argument("--child-probe", choices=SWEEPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -298,15 +305,16 @@ def main() -> None:
         "runs": {},
     }
     path = args.out / "sweep_speed.json"
-    deadline = time.monotonic() + args.budget_s
+    begin = time.monotonic()
+    budget, deadline = begin + args.budget_s, begin + max(args.deadline_s, args.budget_s)
     for phase in args.phases.split(","):
         for method in methods:
             if (method, phase) in (("probe", "warm"), ("flexbench_w0", "cold")):
                 continue
-            left = deadline - time.monotonic()
-            if left < 30:
+            if budget - time.monotonic() < 30:
                 print(f"{method} {phase}: skipped, out of time (--budget-s)", flush=True)
                 continue
+            left = deadline - time.monotonic()  # a started run may use the time to the deadline
             entry = run_one(method, phase, args.sweep, args.out, min(RUN_TIMEOUT_S, left))
             result["runs"][f"{method}.{phase}"] = entry
             print(f"{method} {phase}: {json.dumps(entry)}", flush=True)

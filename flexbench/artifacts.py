@@ -7,7 +7,6 @@ here, from the records' rows.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 from flexbench import html_report, report, tracking
@@ -24,25 +23,12 @@ def for_sweep(
     rows = [r.to_row() for r in records]
     markdown = report.summary_markdown(rows)
     files: dict[str, str | bytes] = {"summary.md": markdown, "results.csv": report.to_csv(rows)}
-    png = heatmap_png(rows)
+    png = html_report.heatmap_png(rows)  # drawn once: the file and report.html's image
     if png is not None:
         files["heatmap.png"] = png
     title = f"{TITLE} {records[0].sweep_id}" if records else TITLE
-    files["report.html"] = html_report.render(rows, title, trends)
+    files["report.html"] = html_report.render(rows, title, trends, png)
     return tracking.SweepArtifacts(report.sweep_metrics(rows), markdown, files)
-
-
-def heatmap_png(rows: Sequence[dict]) -> bytes | None:
-    """The speedup heatmap as PNG, or None without passing configs."""
-    figure = html_report.heatmap_figure(rows)
-    if figure is None:
-        return None
-    buf = io.BytesIO()
-    try:
-        figure.savefig(buf, format="png")
-    finally:
-        report.close(figure)
-    return buf.getvalue()
 
 
 def sync(journal: tracking.Journal, uri: str, retry_failed: bool = False) -> tracking.SyncReport:

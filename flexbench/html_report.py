@@ -172,12 +172,23 @@ def roofline_figure(rows: Sequence[dict]):
     return fig
 
 
-def png_uri(figure) -> str:
-    """The figure as a data: URI (PNG), closed afterwards."""
+def png_bytes(figure) -> bytes:
+    """The figure as PNG, closed afterwards."""
     buf = io.BytesIO()
     figure.savefig(buf, format="png", dpi=100)
     _pyplot().close(figure)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def png_uri(png: bytes) -> str:
+    """PNG bytes as a data: URI."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def heatmap_png(rows: Sequence[dict]) -> bytes | None:
+    """The speedup heatmap as PNG, or None without passing configs."""
+    figure = heatmap_figure(rows)
+    return None if figure is None else png_bytes(figure)
 
 
 def sparkline_svg(values: Sequence[float]) -> str:
@@ -268,18 +279,22 @@ def failures(rows: Sequence[dict]) -> str:
     return _table(["config", "error"], bad) if bad else "<p>none</p>"
 
 
-def _figure(title: str, figure, alt: str) -> str:
-    if figure is None:
+def _figure(title: str, png: bytes | None, alt: str) -> str:
+    if png is None:
         return ""
-    return f'<h2>{title}</h2><img id="{alt}" alt="{alt}" src="{png_uri(figure)}">'
+    return f'<h2>{title}</h2><img id="{alt}" alt="{alt}" src="{png_uri(png)}">'
 
 
 def render(
     rows: Sequence[dict],
     title: str = "flexbench sweep",
     trends: Mapping[str, Sequence[float]] | None = None,
+    heatmap: bytes | None = None,
 ) -> str:
-    """The whole page (one string, every plot embedded)."""
+    """The whole page (one string, every plot embedded); `heatmap`: the heatmap's PNG when
+    the caller has drawn it already (heatmap_png), else drawn here."""
+    roofline = roofline_figure(rows)
+    roofline_png = None if roofline is None else png_bytes(roofline)
     good = passed(rows)
     head = f"{len(rows)} configs, {len(rows) - len(good)} failed"
     for kind in KINDS:
@@ -290,8 +305,8 @@ def render(
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{head}</p>",
-        _figure("Speedup of compiled flex over SDPA", heatmap_figure(rows), "heatmap"),
-        _figure("Forward throughput (roofline)", roofline_figure(rows), "roofline"),
+        _figure("Speedup of compiled flex over SDPA", heatmap or heatmap_png(rows), "heatmap"),
+        _figure("Forward throughput (roofline)", roofline_png, "roofline"),
         "<h2>Configs</h2>",
         config_table(rows, trends or {}),
         "<h2>Failed configs</h2>",

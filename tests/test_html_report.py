@@ -95,3 +95,14 @@ def test_heatmap_of_a_huge_sweep_stays_a_sane_size():
         assert figure.get_size_inches()[0] <= html_report.FIGURE_MAX_IN
     finally:
         html_report._pyplot().close(figure)
+
+
+def test_a_heatmap_drawn_once_is_embedded_as_given(monkeypatch):
+    """The sweep's artifacts draw the heatmap once (heatmap.png) and hand it to the page."""
+    png = html_report.heatmap_png(ROWS)
+    assert png is not None and png.startswith(b"\x89PNG")
+    drawn = []
+    monkeypatch.setattr(html_report, "heatmap_figure", lambda rows: drawn.append(rows))
+    page = html_report.render(ROWS, "nightly", heatmap=png)
+    assert drawn == []  # not drawn again
+    assert html_report.png_uri(png) in page

@@ -167,6 +167,8 @@ def test_speed_benchmark_reads_the_closing_line():
                       **{k: round(v, 1) for k, v in phases.items()}}
     runs = {"seed.cold": {"wall_s": 100.0}, "flexbench.cold": {"wall_s": 40.0, **parsed}}
     assert "| flexbench | cold | 40.0 | 0.40 | ≤ 0.5 met |" in bench.table({"runs": runs})
+    runs["flexbench.cold"] = {"wall_s": 30.0, "returncode": "timeout"}  # killed: no ratio
+    assert "| flexbench | cold | killed at 30.0 |  |  |" in bench.table({"runs": runs})
 
 
 def test_a_worker_that_cannot_start_leaves_its_configs_to_the_sweep(tmp_path, monkeypatch, capsys):
