@@ -114,38 +114,38 @@ def measure_and_track(
     run_name = track.run_name or f"sweep {sweep_id}"
     check_tracking(track, run_name)
     device = configs[0].device if configs else "cpu"
-    with ExitStack() as compiling:  # every way out stops the compile workers
-        # Workers start once connected (and, with --resume, on the configs left): started
-        # before connecting they slowed the H200 sweep, cold and warm (BENCHMARKS.md §13).
-        tracker, tags = connect(track, device, warn)
-        journal, uri = str(tracker.journal.path), _hint_uri(track.tracking_uri)
-        out = Outcome(sweep_id, journal=journal, uri=uri)
-        configs = _resume(configs, tracker, tags, out, warn) if track.resume else list(configs)
-        if not configs:
-            return _nothing_to_do(out, warn, start)
-        out.planned = len(configs)
-        sweep = tracking.sweep_entry(out.sweep_id, experiment, sweep_params, tags, run_name)
-        tracker.start({**sweep, "planned": len(configs)})
+    tracker, tags = connect(track, device, warn)
+    journal, uri = str(tracker.journal.path), _hint_uri(track.tracking_uri)
+    out = Outcome(sweep_id, journal=journal, uri=uri)
+    configs = _resume(configs, tracker, tags, out, warn) if track.resume else list(configs)
+    if not configs:
+        return _nothing_to_do(out, warn, start)
+    out.planned = len(configs)
+    sweep = tracking.sweep_entry(out.sweep_id, experiment, sweep_params, tags, run_name)
+    tracker.start({**sweep, "planned": len(configs)})
+    warn_offline(tracker, out, warn)
+    last = [sweep["start_ms"]]
+    phases = dict.fromkeys(PHASES, 0.0)
+
+    def log_result(result: measure.Result) -> None:
+        start_log = time.perf_counter()
+        for name, seconds in result.phases.items():
+            phases[name] = phases.get(name, 0.0) + seconds
+        end = now_ms()
+        mine = {**tags, repro.REPRO_TAG: repro.command(result.config, experiment)}
+        record = tracking.result_entry(RunRecord.from_result(result), sweep, mine, last[0], end)
+        last[0] = end
+        tracker.log_later(record)
+        out.records.append(record)
         warn_offline(tracker, out, warn)
-        last = [sweep["start_ms"]]
-        phases = dict.fromkeys(PHASES, 0.0)
+        warn_journal(tracker, out, warn)
+        if on_result is not None:
+            on_result(record)
+        phases["tracking"] += time.perf_counter() - start_log
 
-        def log_result(result: measure.Result) -> None:
-            start_log = time.perf_counter()
-            for name, seconds in result.phases.items():
-                phases[name] = phases.get(name, 0.0) + seconds
-            end = now_ms()
-            mine = {**tags, repro.REPRO_TAG: repro.command(result.config, experiment)}
-            record = tracking.result_entry(RunRecord.from_result(result), sweep, mine, last[0], end)
-            last[0] = end
-            tracker.log_later(record)
-            out.records.append(record)
-            warn_offline(tracker, out, warn)
-            warn_journal(tracker, out, warn)
-            if on_result is not None:
-                on_result(record)
-            phases["tracking"] += time.perf_counter() - start_log
-
+    # Workers start once connected (and, with --resume, on the configs left): started before
+    # connecting they slowed the H200 sweep, cold and warm (BENCHMARKS.md §13).
+    with ExitStack() as compiling:  # every way out stops the compile workers
         pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
         with stoppable() as stopped, compiling:  # left here: workers stopped, cache saved
             pipeline.measure_configs(configs, log_result, progress, pool=pool)
