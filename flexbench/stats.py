@@ -72,9 +72,11 @@ def stop_reason(
     samples: Sequence[float], elapsed_s: float, rule: StopRule, noises: Sequence[float] = ()
 ) -> str | None:
     """`converged`, `settled` or `max_time` (both unconverged), or None to keep sampling;
-    `noises` holds the series' noise after each round so far (for `settled`)."""
+    `noises` holds the series' noise after each round so far, the latest for `samples` (for
+    `settled`; without them the noise is computed here)."""
     enough = len(samples) >= rule.min_samples and elapsed_s >= rule.min_time_s
-    if enough and relative_iqr(samples) <= rule.max_noise:
+    noise = noises[-1] if noises else relative_iqr(samples)
+    if enough and noise <= rule.max_noise:
         return CONVERGED
     if enough and settled(noises):
         return SETTLED
