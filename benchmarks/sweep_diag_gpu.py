@@ -47,7 +47,7 @@ SWEEPS = {
     + [x for k, v in HEADLINE.items() for x in (f"-{k}", v)],
     "cpu-smoke": "-b 1 -nh 2 -s 128 -d 32 -mods noop,causal -dtype float32 --device cpu".split(),
 }
-# name -> extra `flexbench run` flags, BURST_GAP override, cProfile on
+# name -> extra `flexbench run` flags, BURST_GAP override, cProfile on, environment
 VARIANTS = {
     "cold": {"flags": [], "cold": True},
     "default": {"flags": []},
@@ -57,6 +57,8 @@ VARIANTS = {
     "burst_gap0.25": {"flags": [], "burst_gap": 0.25},
     "default2": {"flags": []},
     "combo": {"flags": ["--min-samples", "5", "--max-time", "0.5"], "burst_gap": 0.25},
+    "noahead": {"flags": [], "env": {"FLEXBENCH_COMPILE_AHEAD": "0"}},  # no compile-ahead
+    "default3": {"flags": []},
 }
 DEFAULT_VARIANTS = "cold,default,profile,min_samples5,max_time0.5,burst_gap0.25,default2"
 BASE = "default"  # medians are compared against this run's
@@ -78,6 +80,9 @@ HOOKS = (
     "flexbench.measure:Bench.run",
     "flexbench.measure:prepare",
     "flexbench.measure:_first_calls",
+    "flexbench.measure:Bench.take_ahead",
+    "flexbench.ahead:start",
+    "flexbench.ahead:AotFlex.compile",
     "flexbench.measure:reference",
     "flexbench.measure:cross_check",
     "flexbench.measure:checked_baselines",
@@ -470,6 +475,7 @@ def run_variant(name: str, sweep: str, out: Path, timeout: float) -> dict:
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **spec.get("env", {}),
     }
     argv = flexbench_args(sweep, out, name, spec["flags"])
     start = time.time()

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from flexbench import baselines, env, flops, gpustate, kernels, mods, timers, timing
+from flexbench import ahead, baselines, env, flops, gpustate, kernels, mods, timers, timing
 from flexbench.config import BenchConfig
 from flexbench.schema import BASELINE_SKIPPED_TAG, FLEX, INEXACT_TAG, KERNELS_TAG, PRIMARY
 
@@ -323,14 +323,61 @@ def block_density(block_mask: BlockMask | None) -> float:
 
 
 class Bench:
-    """Per-sweep state: compiled flex callables and BlockMasks, reused across configs."""
+    """Per-sweep state: compiled flex callables and BlockMasks, reused across configs; the
+    config compiled ahead (`upcoming`: the sweep's next config, compiled on a thread while this
+    one is timed, where `ahead.may_overlap`). `aot`: whether flex is aot-compiled (None:
+    `ahead.uses_aot`, i.e. on CUDA)."""
 
-    def __init__(self) -> None:
+    def __init__(self, aot: bool | None = None) -> None:
         self._compiled: dict[tuple, Callable] = {}
         self._masks: dict[tuple, BlockMask] = {}
         self._gpu: gpustate.Gpu | None | bool = False  # False: not opened yet
         self._warming: threading.Thread | None = None
         self._warm_error: BaseException | None = None
+        self.aot = aot
+        self.upcoming: BenchConfig | None = None
+        self._ahead: dict[str, ahead.Ahead] = {}
+
+    def uses_aot(self, c: BenchConfig) -> bool:
+        """Config `c`'s flex is aot-compiled (`ahead.AotFlex`)."""
+        if self.aot is None:
+            return ahead.uses_aot(c)
+        return self.aot and not (c.dynamic or c.max_autotune)
+
+    def overlaps(self, c: BenchConfig, nxt: BenchConfig) -> bool:
+        """`nxt` may compile on a thread while `c` is timed (`ahead.may_overlap`)."""
+        return self.uses_aot(c) and self.uses_aot(nxt) and ahead.may_overlap(c)
+
+    def start_next(self, c: BenchConfig, flex: Callable) -> None:
+        """Before `c` is timed: prepare `upcoming` (its inputs and BlockMask, on the GPU, now)
+        and compile its flex on a thread, when that cannot disturb `c`'s timing."""
+        nxt, self.upcoming = self.upcoming, None
+        if nxt is None or not isinstance(flex, ahead.AotFlex) or not self.overlaps(c, nxt):
+            return
+        try:
+            setup = prepare(nxt, self, Result(nxt))
+        except (Exception, torch.OutOfMemoryError):  # noqa: BLE001 - it fails in its turn
+            return
+        self._ahead[nxt.config_key()] = ahead.start(setup, setup.flex)
+        timing.GUARD.on()
+
+    def take_ahead(self, c: BenchConfig, result: Result) -> Setup | None:
+        """Config `c`'s setup if it was compiled ahead (waiting for its thread); None if it
+        was not, or if its compile raised (then it compiles in line)."""
+        pending = self._ahead.pop(c.config_key(), None)
+        if pending is None:
+            return None
+        pending.wait()
+        timing.GUARD.off()
+        if pending.error is not None:
+            return None
+        result.metrics["sparsity"] = 1.0 - pending.setup.density
+        return pending.setup
+
+    def drop_ahead(self) -> None:
+        """Forget configs compiled ahead (a stopped sweep); their threads end on their own."""
+        self._ahead.clear()
+        timing.GUARD.off()
 
     def warm_up(self, warm: Callable[[], None] | None) -> None:
         """Run `warm` (timing.warm_gpu) on a thread while the first config is prepared and
@@ -434,7 +481,11 @@ def prepare(c: BenchConfig, bench: Bench, result: Result) -> Setup:
     block_mask = bench.block_mask(c, built)
     q, k, v = make_inputs(c, requires_grad=c.calculate_bwd)
     scale = 1.0 / math.sqrt(c.head_dim)
-    flex = _flex_call(bench.compiled(c), q, k, v, built, block_mask, scale, c)
+    kwargs = flex_kwargs(c, built, block_mask, scale)
+    if bench.uses_aot(c):
+        flex = ahead.AotFlex((q, k, v), kwargs, COMPILE_MODES[c.max_autotune])
+    else:
+        flex = _flex_call(bench.compiled(c), (q, k, v), kwargs)
     density = block_density(block_mask)
     result.metrics["sparsity"] = 1.0 - density
     torch.manual_seed(RNG_SEED)
@@ -452,11 +503,15 @@ def compile_only(c: BenchConfig, bench: Bench, result: Result) -> None:
 def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     """Fill `result` for config `c` (raises on failure; Bench.run isolates it)."""
     lap = Laps(result.phases)
-    s = prepare(c, bench, result)
+    s = bench.take_ahead(c, result)
+    lap("wait")
+    s = s or prepare(c, bench, result)
     (q, k, v), built, scale, flex, dout = s.inputs, s.built, s.scale, s.flex, s.dout
     m = result.metrics
     lap("check")
-    outs, m["compile_s"] = _first_calls(flex, dout, c, (q, k, v))
+    compiled_ahead = flex.compile_s if isinstance(flex, ahead.AotFlex) and flex.fn else 0.0
+    outs, first_s = _first_calls(flex, dout, c, (q, k, v))
+    m["compile_s"] = compiled_ahead + first_s  # on the thread, if ahead, and the first call
     lap("compile")
     expected_out, expected_grads = reference(q, k, v, built, scale, dout)
     cross_check(q, k, v, built, scale, expected_out)
@@ -478,6 +533,8 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     record_kernels(c, {"flex": flex, **ready}, dout, (q, k, v), result.tags)
     series = {FLEX: flex, **ready}
     fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, s.density)
+    lap("check")
+    bench.start_next(c, flex)  # the next config compiles while this one is timed
     lap("check")
     settings = bench.timing_settings(c)
     sampler = timing.sampler_for(c.timer, "fwd")
@@ -583,25 +640,26 @@ def record_kernels(
         )
 
 
-def _flex_call(
-    compiled: Callable,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    built: mods.Built,
-    block_mask: BlockMask | None,
-    scale: float,
-    c: BenchConfig,
-) -> Callable[[], Tensor]:
-    kwargs = {"enable_gqa": True} if c.kv_heads != c.heads else {}
+def flex_kwargs(
+    c: BenchConfig, built: mods.Built, block_mask: BlockMask | None, scale: float
+) -> dict:
+    """flex_attention's keyword arguments for config `c` (mod, BlockMask, scale, GQA, kernel
+    options and backend)."""
+    kwargs = {"score_mod": built.score_mod, "block_mask": block_mask, "scale": scale}
+    if c.kv_heads != c.heads:
+        kwargs["enable_gqa"] = True
     options = c.kernel_options_dict
     if c.flex_backend != "auto":
         options["BACKEND"] = c.flex_backend.upper()
     if options:
         kwargs["kernel_options"] = options
-    return lambda: compiled(
-        q, k, v, score_mod=built.score_mod, block_mask=block_mask, scale=scale, **kwargs
-    )
+    return kwargs
+
+
+def _flex_call(
+    compiled: Callable, inputs: tuple[Tensor, Tensor, Tensor], kwargs: dict
+) -> Callable[[], Tensor]:
+    return lambda: compiled(*inputs, **kwargs)
 
 
 def _first_calls(

@@ -17,6 +17,7 @@ from flexbench import precompile
 from flexbench.config import BenchConfig
 
 if TYPE_CHECKING:
+    from flexbench import measure
     from flexbench.measure import Result
 
 
@@ -103,15 +104,28 @@ def _measure(
             for i, c in enumerate(bar):
                 bar.set_description(c.run_name())
                 ready = pool.take(i)
+                bench.upcoming = upcoming(configs, i + 1, pool, bench)
                 results.append(ready.failed or bench.run(c))
                 if ready.by_worker:
-                    results[-1].phases["wait"] = ready.waited
+                    phases = results[-1].phases
+                    phases["wait"] = phases.get("wait", 0.0) + ready.waited
                 if on_result is not None:
                     on_result(results[-1])
     finally:
+        bench.drop_ahead()
         with suppress(Exception):  # no thread left behind; its error was a config's
             bench.settle()
     return results
+
+
+def upcoming(
+    configs: list[BenchConfig], i: int, pool: precompile.Pool, bench: measure.Bench
+) -> BenchConfig | None:
+    """Config i, for `bench` to compile while config i-1 is timed (`Bench.start_next`), when
+    that may overlap and no worker is compiling it or has failed it."""
+    if not 0 < i < len(configs) or not bench.overlaps(configs[i - 1], configs[i]):
+        return None
+    return configs[i] if pool.claim(i) else None
 
 
 def gpu_warm_up(configs: Sequence[BenchConfig]) -> Callable[[], None] | None:

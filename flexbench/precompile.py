@@ -187,6 +187,16 @@ class Pool:
             failed = None  # the GPU was shared with the measuring process: measure it here
         return Ready(failed, time.perf_counter() - start, by_worker=True)
 
+    def claim(self, index: int) -> bool:
+        """Whether the measuring process may compile config `index` now (ahead of its turn):
+        no worker has it (it is the measuring process's from now on) or a worker compiled it
+        without error; False while a worker compiles it, or after a worker failed it."""
+        with self._lock:
+            if self._state[index] in (TODO, MAIN):
+                self._state[index] = MAIN
+                return True
+            return self._state[index] == DONE and self._failed.get(index) is None
+
     # --- the pool's thread -----------------------------------------------------------------
 
     def _serve(self) -> None:

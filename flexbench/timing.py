@@ -17,6 +17,7 @@ Two regimes on CUDA (`--regime`):
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -123,6 +124,36 @@ class Settings:
             object.__setattr__(self, "sample_ms", default)
 
 
+@dataclass
+class HostGuard:
+    """While another thread of this process may hold the GIL (a compile-ahead thread), a
+    sample's start event could be recorded, the GIL lost, and the graph launched only when it
+    comes back: host time counted as kernel time. `on()` makes the GIL change hands within
+    SWITCH_S and puts a GPU sleep of `cycles` (far longer) before each graph sample's start
+    event, so the GPU is still busy when the replay is queued; `off()` restores both."""
+
+    cycles: int = 0
+    saved_interval: float | None = None
+
+    CYCLES = 2_000_000  # ~1 ms at 2 GHz, 10x the longest GIL wait SWITCH_S allows
+    SWITCH_S = 1e-4
+
+    def on(self) -> None:
+        if self.saved_interval is None:
+            self.saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(self.SWITCH_S)
+        self.cycles = self.CYCLES
+
+    def off(self) -> None:
+        if self.saved_interval is not None:
+            sys.setswitchinterval(self.saved_interval)
+            self.saved_interval = None
+        self.cycles = 0
+
+
+GUARD = HostGuard()
+
+
 def _clear(grads: Sequence[torch.Tensor]) -> None:
     for g in grads:
         g.grad = None
@@ -170,11 +201,15 @@ class GraphSampler:
         estimate_ms = self.start.elapsed_time(self.end) / 5
         self.calls = max(1, int(ms / estimate_ms)) if estimate_ms > 0 else 1000
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=torch.cuda.current_stream()):
+        # thread_local: a compile-ahead thread's CUDA calls do not void this capture
+        stream = torch.cuda.current_stream()
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             for _ in range(self.calls):
                 fn()
 
     def sample(self) -> list[float]:
+        if GUARD.cycles:  # the GPU sleeps while this thread may wait for the GIL
+            torch.cuda._sleep(GUARD.cycles)
         self.start.record()
         self.graph.replay()
         self.end.record()
