@@ -48,11 +48,12 @@ def available() -> bool:
 
 @cache
 def _torch_has_aot() -> bool:
-    return hasattr(torch.compile(flex_attention, fullgraph=True), "aot_compile")
+    with _aot_enabled():  # the compiled wrapper has aot_compile only when it is on
+        return hasattr(torch.compile(flex_attention, fullgraph=True), "aot_compile")
 
 
 def _aot_enabled() -> AbstractContextManager:
-    """dynamo's enable_aot_compile on (a hidden setting in some versions: hasattr is False)."""
+    """dynamo's enable_aot_compile on (torch 2.11 has it off by default)."""
     if "enable_aot_compile" in getattr(torch._dynamo.config, "_config", {}):
         return torch._dynamo.config.patch(enable_aot_compile=True)
     return nullcontext()
@@ -89,9 +90,9 @@ class AotFlex:
         if self.fn is not None:
             return
         start = time.perf_counter()
-        compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False, mode=self.mode)
         grad = any(t.requires_grad for t in self.inputs)  # as it will be called (thread-local)
         with _aot_enabled(), torch.set_grad_enabled(grad):
+            compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False, mode=self.mode)
             self.fn = compiled.aot_compile((self.inputs, self.kwargs))
         self.compile_s = time.perf_counter() - start
 
