@@ -60,15 +60,34 @@ class Gpu:
         return out
 
 
-def open_gpu(nvml_index: int) -> Gpu | None:
-    """The GPU at NVML index `nvml_index` (not the CUDA ordinal: see measure), or None where
-    NVML is not installed or cannot be initialised."""
+def _nvml() -> object | None:
+    """pynvml, initialised; None where it is not installed or cannot be initialised."""
     try:
         import pynvml as nvml
     except ImportError:
         return None
     try:
         nvml.nvmlInit()
-        return Gpu(nvml, nvml.nvmlDeviceGetHandleByIndex(nvml_index))
+    except nvml.NVMLError:
+        return None
+    return nvml
+
+
+def open_gpu(nvml_index: int) -> Gpu | None:
+    """The GPU at NVML index `nvml_index` (not the CUDA ordinal: see measure), or None where
+    NVML is missing or has no such GPU."""
+    nvml = _nvml()
+    try:
+        return None if nvml is None else Gpu(nvml, nvml.nvmlDeviceGetHandleByIndex(nvml_index))
+    except nvml.NVMLError:
+        return None
+
+
+def device_count() -> int | None:
+    """How many GPUs NVML sees (all of them: CUDA_VISIBLE_DEVICES is torch's), or None where
+    NVML is missing."""
+    nvml = _nvml()
+    try:
+        return None if nvml is None else int(nvml.nvmlDeviceGetCount())
     except nvml.NVMLError:
         return None

@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from flexbench import ahead, baselines, env, flops, gpustate, kernels, mods, timers, timing
 from flexbench.config import BenchConfig
+from flexbench.result import Result
 from flexbench.schema import BASELINE_SKIPPED_TAG, FLEX, INEXACT_TAG, KERNELS_TAG, PRIMARY
 
 RNG_SEED = 123  # the random inputs (q, k, v, dout): the same in every run
@@ -37,22 +38,6 @@ TOLERANCE = {"float32": (1e-3, 1e-3), "float16": (5e-3, 5e-3), "bfloat16": (3e-2
 COMPILE_MODES = {False: "default", True: "max-autotune-no-cudagraphs"}
 # The kernel family a requested flex backend must show (kernels.family of flex's kernels).
 BACKEND_FAMILY = {"triton": "triton", "triton_decode": "triton", "flash": "flash"}
-
-
-@dataclass
-class Result:
-    """One config's outcome: contract metrics, or a one-line error."""
-
-    config: BenchConfig
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    baseline: str = ""
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per sweep phase, not logged
-    tags: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 class Laps:

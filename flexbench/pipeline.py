@@ -8,9 +8,11 @@ imports torch itself and connects to MLflow.
 
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from typing import TYPE_CHECKING
 
 from flexbench import precompile
@@ -18,7 +20,7 @@ from flexbench.config import BenchConfig
 
 if TYPE_CHECKING:
     from flexbench import measure
-    from flexbench.measure import Result
+    from flexbench.result import Result
 
 
 def cached_graphs() -> int:
@@ -57,6 +59,63 @@ def compile_pool(
     return precompile.Pool(list(configs), workers, any(c.dynamic for c in configs), limit)
 
 
+def measure_sweep(
+    configs: Sequence[BenchConfig],
+    on_result: Callable[[Result], None],
+    progress: bool,
+    compile_workers: int,
+    compile_cache: str | None,
+    warn: Callable[[str], None],
+    on_start: Callable[[int], None] | None = None,
+) -> str:
+    """A sweep's measuring: `compile_cache` loaded, `compile_workers` started, every config
+    measured until SIGINT/SIGTERM stops it; the signal's name, '' when it ran to the end."""
+    with ExitStack() as compiling:  # every way out stops the compile workers
+        pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
+        with stoppable() as stopped, compiling:  # left here: workers stopped, cache saved
+            measure_configs(configs, on_result, progress, pool=pool, on_start=on_start)
+    return stopped[0] if stopped else ""
+
+
+def _compiling(
+    stack: ExitStack,
+    configs: Sequence[BenchConfig],
+    workers: int,
+    cache: str | None,
+    warn: Callable[[str], None],
+) -> precompile.Pool:
+    """Load the compile cache, then start the compile workers on `configs`; leaving `stack`
+    stops them (and, after a sweep that was not interrupted, saves the cache)."""
+    stack.enter_context(precompile.compile_cache(cache, warn))
+    return stack.enter_context(compile_pool(configs, workers))
+
+
+class Stopped(BaseException):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt."""
+
+
+@contextmanager
+def stoppable() -> Iterator[list[str]]:
+    """Turn SIGINT/SIGTERM into a stop of the `with` body; the list then holds the signal's
+    name. A second signal while the sweep logs what it measured is not caught here."""
+    stopped: list[str] = []
+    main = threading.current_thread() is threading.main_thread()
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Stopped()
+
+    saved = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        yield stopped
+    except KeyboardInterrupt:
+        stopped.append("SIGINT")
+    except Stopped:
+        stopped.append("SIGTERM")
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, saved)
+
+
 def measure_configs(
     configs: Iterable[BenchConfig],
     on_result: Callable[[Result], None] | None = None,
@@ -64,8 +123,10 @@ def measure_configs(
     recompile_limit: int | None = None,
     compile_workers: int = 0,
     pool: precompile.Pool | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> list[Result]:
-    """Measure every config, isolating failures; `on_result` sees each Result as it lands.
+    """Measure every config, isolating failures; `on_result` sees each Result as it lands,
+    `on_start` each config's index before it is measured.
 
     `recompile_limit` (default: room for every config) caps dynamo recompiles per mod; a config
     that would exceed it fails instead of silently running uncompiled. `compile_workers`
@@ -79,9 +140,9 @@ def measure_configs(
     for device, bwd in {(c.device, c.calculate_bwd) for c in configs}:
         measure.check_runtime(device, bwd)
     if pool is not None:
-        return _measure(configs, pool, on_result, progress)
+        return _measure(configs, pool, on_result, progress, on_start)
     with compile_pool(configs, compile_workers, recompile_limit) as own:
-        return _measure(configs, own, on_result, progress)
+        return _measure(configs, own, on_result, progress, on_start)
 
 
 def _measure(
@@ -89,6 +150,7 @@ def _measure(
     pool: precompile.Pool,
     on_result: Callable[[Result], None] | None,
     progress: bool,
+    on_start: Callable[[int], None] | None,
 ) -> list[Result]:
     from tqdm import tqdm
 
@@ -103,6 +165,8 @@ def _measure(
             bar = tqdm(configs, file=sys.stderr, disable=not progress, unit="config")
             for i, c in enumerate(bar):
                 bar.set_description(c.run_name())
+                if on_start is not None:
+                    on_start(i)
                 ready = pool.take(i)
                 bench.upcoming = upcoming(configs, i + 1, pool, bench)
                 results.append(ready.failed or bench.run(c))

@@ -461,8 +461,8 @@ def worker(settings: str, fd: str) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this worker when the process that started it dies (prctl PDEATHSIG)."""
+def die_with_parent() -> None:
+    """Linux: SIGTERM this process when the process that started it dies (prctl PDEATHSIG)."""
     with suppress(OSError, AttributeError):
         import ctypes
 
@@ -471,5 +471,5 @@ def _die_with_parent() -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the measuring process handles Ctrl-C
-    _die_with_parent()
+    die_with_parent()
     sys.exit(worker(*sys.argv[1:3]))

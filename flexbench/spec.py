@@ -7,10 +7,14 @@ BenchConfig is a SweepSpec option (and a sweep param) without an edit here.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields, replace
 from itertools import product
+from pathlib import Path
 
+from flexbench import gpustate
 from flexbench.config import BenchConfig, configs_from_file, device_sizes
 
 DEFAULT_MODS = ("noop", "causal", "rel", "head_bias")
@@ -34,12 +38,34 @@ PARAM_NAMES = {"baselines": "baseline"}  # template field -> sweep param, as its
 
 
 def resolve_device(device: str, gpus: Sequence[int] | str | None = None) -> str:
-    """`auto`: cuda when torch sees a GPU (or `gpus` asks for CUDA workers), else cpu."""
+    """`auto`: cuda when torch sees a GPU (or `gpus` asks for CUDA workers), else cpu.
+
+    Without importing torch when it is a CUDA build and a GPU is plainly here (`cuda_here`);
+    otherwise torch is asked."""
     if device != "auto":
         return device
+    if gpus or cuda_here():
+        return "cuda"
     import torch
 
-    return "cuda" if gpus or torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cuda_here() -> bool:
+    """True when torch is a CUDA build (its lib/libtorch_cuda.so) and NVML (or /dev/nvidia0)
+    shows a GPU that CUDA_VISIBLE_DEVICES does not hide; False when unsure."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip()
+    if not visible or visible.startswith("-") or not cuda_build():
+        return False
+    count = gpustate.device_count()
+    return bool(count) if count is not None else Path("/dev/nvidia0").exists()
+
+
+def cuda_build() -> bool:
+    """Whether the installed torch is a CUDA build, found without importing it."""
+    spec = importlib.util.find_spec("torch")
+    where = spec.submodule_search_locations if spec is not None else None
+    return any((Path(d) / "lib" / "libtorch_cuda.so").exists() for d in where or ())
 
 
 @dataclass(frozen=True, init=False)

@@ -15,11 +15,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +27,7 @@ from flexbench import (
     artifacts,
     env,
     history,
+    measuring,
     mlflow_view,
     pipeline,
     precompile,
@@ -42,7 +42,7 @@ from flexbench.spec import SweepSpec
 from flexbench.tracking_settings import TrackingSettings
 
 if TYPE_CHECKING:
-    from flexbench import measure
+    from flexbench.result import Result
 
 
 @dataclass
@@ -98,6 +98,8 @@ def measure_and_track(
     on_result: Callable[[RunRecord], None] | None = None,
     compile_workers: int = 0,
     compile_cache: str | None = None,
+    isolate: bool | None = None,
+    child: measuring.Child | None = None,
 ) -> Outcome:
     """Measure, journal and log every config under one sweep run; never loses a result.
 
@@ -107,6 +109,10 @@ def measure_and_track(
     of torch cache artifacts loaded before and saved after (precompile.compile_cache).
     SIGINT/SIGTERM stop the sweep after logging what was measured: its sweep run ends KILLED
     (`Outcome.interrupted`). ValueError for a name or URI MLflow would refuse.
+
+    `isolate`: measure in a child process (`measuring`) while this one tracks; None: as
+    `measuring.wanted` says (on CUDA). `child`: such a process already started (sweep.run
+    starts it first). One that dies is a problem of the outcome, its results kept.
     """
     start = time.perf_counter()
     track = track or TrackingSettings()
@@ -114,42 +120,41 @@ def measure_and_track(
     run_name = track.run_name or f"sweep {sweep_id}"
     check_tracking(track, run_name)
     device = configs[0].device if configs else "cpu"
-    tracker, tags = connect(track, device, warn)
-    journal, uri = str(tracker.journal.path), _hint_uri(track.tracking_uri)
-    out = Outcome(sweep_id, journal=journal, uri=uri)
-    configs = _resume(configs, tracker, tags, out, warn) if track.resume else list(configs)
-    if not configs:
-        return _nothing_to_do(out, warn, start)
-    out.planned = len(configs)
-    sweep = tracking.sweep_entry(out.sweep_id, experiment, sweep_params, tags, run_name)
-    tracker.start({**sweep, "planned": len(configs)})
-    warn_offline(tracker, out, warn)
-    last = [sweep["start_ms"]]
-    phases = dict.fromkeys(PHASES, 0.0)
-
-    def log_result(result: measure.Result) -> None:
-        start_log = time.perf_counter()
-        for name, seconds in result.phases.items():
-            phases[name] = phases.get(name, 0.0) + seconds
-        end = now_ms()
-        mine = {**tags, repro.REPRO_TAG: repro.command(result.config, experiment)}
-        record = tracking.result_entry(RunRecord.from_result(result), sweep, mine, last[0], end)
-        last[0] = end
-        tracker.log_later(record)
-        out.records.append(record)
+    with measuring.process(configs, isolate, child) as child:
+        tracker, tags = connect(track, device, warn, child)
+        journal, uri = str(tracker.journal.path), _hint_uri(track.tracking_uri)
+        out = Outcome(sweep_id, journal=journal, uri=uri)
+        configs = _resume(configs, tracker, tags, out, warn) if track.resume else list(configs)
+        if not configs:
+            return _nothing_to_do(out, warn, start)
+        out.planned = len(configs)
+        sweep = tracking.sweep_entry(out.sweep_id, experiment, sweep_params, tags, run_name)
+        tracker.start({**sweep, "planned": len(configs)})
         warn_offline(tracker, out, warn)
-        warn_journal(tracker, out, warn)
-        if on_result is not None:
-            on_result(record)
-        phases["tracking"] += time.perf_counter() - start_log
+        last = [sweep["start_ms"]]
+        phases = dict.fromkeys(PHASES, 0.0)
 
-    # Workers start once connected (and, with --resume, on the configs left): started before
-    # connecting they slowed the H200 sweep, cold and warm (BENCHMARKS.md §13).
-    with ExitStack() as compiling:  # every way out stops the compile workers
-        pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
-        with stoppable() as stopped, compiling:  # left here: workers stopped, cache saved
-            pipeline.measure_configs(configs, log_result, progress, pool=pool)
-    out.interrupted = stopped[0] if stopped else ""
+        def log_result(result: Result) -> None:
+            start_log = time.perf_counter()
+            for name, seconds in result.phases.items():
+                phases[name] = phases.get(name, 0.0) + seconds
+            end = now_ms()
+            mine = {**tags, repro.REPRO_TAG: repro.command(result.config, experiment)}
+            entry = RunRecord.from_result(result)
+            record = tracking.result_entry(entry, sweep, mine, last[0], end)
+            last[0] = end
+            tracker.log_later(record)
+            out.records.append(record)
+            warn_offline(tracker, out, warn)
+            warn_journal(tracker, out, warn)
+            if on_result is not None:
+                on_result(record)
+            phases["tracking"] += time.perf_counter() - start_log
+
+        # Workers start once connected (and, with --resume, on the configs left): started
+        # before connecting they slowed the H200 sweep, cold and warm (BENCHMARKS.md §13).
+        compiling = {"compile_workers": compile_workers, "compile_cache": compile_cache}
+        _measure(out, configs, child, log_result, progress, compiling, warn)
     tracker.drain()
     phases["tracking"] += tracker.tracking_s
     out.phases = phase_metrics(phases)
@@ -172,17 +177,28 @@ def measure_and_track(
 PHASES = ("compile", "check", "timing", "tracking", "wait")
 
 
-def _compiling(
-    stack: ExitStack,
+def _measure(
+    out: Outcome,
     configs: Sequence[BenchConfig],
-    workers: int,
-    cache: str | None,
+    child: measuring.Child | None,
+    log_result: Callable[[Result], None],
+    progress: bool,
+    compiling: dict,
     warn: Callable[[str], None],
-) -> precompile.Pool:
-    """Load the compile cache, then start the compile workers on `configs`; leaving `stack`
-    stops them (and, after a sweep that was not interrupted, saves the cache)."""
-    stack.enter_context(precompile.compile_cache(cache, warn))
-    return stack.enter_context(pipeline.compile_pool(configs, workers))
+) -> None:
+    """Measure here, or in the measuring process `child`; note in `out` what stopped it."""
+    if child is None:
+        out.interrupted = pipeline.measure_sweep(
+            configs, log_result, progress, **compiling, warn=warn
+        )
+        return
+    ending = child.measure(configs, log_result, progress, **compiling, warn=warn)
+    out.interrupted = ending.interrupted
+    if ending.died:
+        out.problems.append(
+            f"measuring process died ({ending.died}) after {len(out.records)} of {out.planned} "
+            f"configs; measure the rest with `{resume_command(None, out.sweep_id)}`"
+        )
 
 
 def phase_metrics(phases: dict[str, float]) -> dict[str, float]:
@@ -208,32 +224,6 @@ def _nothing_to_do(out: Outcome, warn: Callable[[str], None], start: float) -> O
     out.idle = True
     out.wall_s = time.perf_counter() - start
     return out
-
-
-class Stopped(BaseException):
-    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt."""
-
-
-@contextmanager
-def stoppable() -> Iterator[list[str]]:
-    """Turn SIGINT/SIGTERM into a stop of the `with` body; the list then holds the signal's
-    name. A second signal while the sweep logs what it measured is not caught here."""
-    stopped: list[str] = []
-    main = threading.current_thread() is threading.main_thread()
-
-    def on_term(signum: int, frame: object) -> None:
-        raise Stopped()
-
-    saved = signal.signal(signal.SIGTERM, on_term) if main else None
-    try:
-        yield stopped
-    except KeyboardInterrupt:
-        stopped.append("SIGINT")
-    except Stopped:
-        stopped.append("SIGTERM")
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, saved)
 
 
 def warn_journal(tracker: tracking.Tracker, out: Outcome, warn: Callable[[str], None]) -> None:
@@ -272,14 +262,18 @@ def _resume(
 
 
 def connect(
-    track: TrackingSettings, device: str, warn: Callable[[str], None] | None = None
+    track: TrackingSettings,
+    device: str,
+    warn: Callable[[str], None] | None = None,
+    child: measuring.Child | None = None,
 ) -> tuple[tracking.Tracker, dict[str, str]]:
-    """A Tracker that has tried to reach the server (offline if not), and the env tags;
+    """A Tracker that has tried to reach the server (offline if not), and the env tags (from
+    the measuring process `child` if there is one: RuntimeError if it cannot measure);
     `track.tracking_timeout` is how long one tracking step may wait on a busy server. `warn`
     hears of runs a failed `mlflow run` had left RUNNING, now closed."""
     tracker = tracker_of(track)
-    tags = env.capture(device)
     tracker.connect()
+    tags = child.hello() if child is not None else env.capture(device)
     if tracker.closed and warn is not None:
         warn(
             f"note: closed {len(tracker.closed)} run(s) that a failed `mlflow run` had left "
@@ -320,6 +314,7 @@ def run(
     compile_cache: str | None = None,
     quiet: bool = False,
     warn: Callable[[str], None] | None = None,
+    isolate: bool | None = None,
 ) -> Outcome:
     """`flexbench run`: expand `spec` (ValueError on bad input), check the device
     (RuntimeError), then measure and track it as `tracking` says: all of it, its `shard`
@@ -329,7 +324,8 @@ def run(
     Device "auto" (the spec's default) is cuda when there is one (or `gpus`), else cpu. Sizes
     and dtypes left empty take the device's defaults (`config.SIZE_DEFAULTS`: the seed's sweep
     on CUDA, one small float32 shape on CPU); a CPU sweep first says its size and memory per
-    config."""
+    config. `isolate`: measure in a child process (measure_and_track); None: on CUDA, or as
+    FLEXBENCH_MEASURE_PROCESS says."""
     warn = warn or warn_stderr
     spec, track = spec or SweepSpec(), tracking or TrackingSettings()
     auto = spec.device == "auto"
@@ -339,20 +335,37 @@ def run(
         raise ValueError("--gpus runs one CUDA worker per GPU; drop --device cpu")
     if gpu_ids and compile_cache:
         raise ValueError("--compile-cache is for one measuring process; drop it or --gpus")
+    with ExitStack() as stack:
+        child = _start_measuring(stack, spec, bool(gpu_ids), isolate)
+        filled = spec.size_defaults()
+        configs, args = spec.expand()
+        workers = precompile.resolve_workers(compile_workers, configs, len(gpu_ids) or 1)
+        params = sweep_params(**args, compile_workers=workers, compile_cache=compile_cache or "")
+        track = replace(track, sweep_id=track.sweep_id or new_sweep_id())
+        check_tracking(track, track.run_name or f"sweep {track.sweep_id}")
+        line = plan_line(configs, spec.device, filled, auto)
+        if line:
+            warn(line)
+        compiling = {"compile_workers": workers, "compile_cache": compile_cache}
+        measured = {"isolate": isolate, "child": child}
+        return run_parts(
+            configs, params, track, shard, gpu_ids, not quiet, warn, compiling, **measured
+        )
+
+
+def _start_measuring(
+    stack: ExitStack, spec: SweepSpec, gpus: bool, isolate: bool | None
+) -> measuring.Child | None:
+    """The measuring process, started first (it imports torch while this process goes on),
+    when `measuring.wanted` (never with `gpus`: their workers measure); else the device is
+    checked here (RuntimeError, one line)."""
+    bwd = bool(spec.setting("calculate_bwd"))
+    if not gpus and measuring.wanted(isolate, spec.device):
+        return stack.enter_context(measuring.Child.start(spec.device, bwd))
     from flexbench import measure  # torch: after `import flexbench.sweep`, which is light
 
-    measure.check_runtime(spec.device, bool(spec.setting("calculate_bwd")))
-    filled = spec.size_defaults()
-    configs, args = spec.expand()
-    workers = precompile.resolve_workers(compile_workers, configs, len(gpu_ids) or 1)
-    params = sweep_params(**args, compile_workers=workers, compile_cache=compile_cache or "")
-    track = replace(track, sweep_id=track.sweep_id or new_sweep_id())
-    check_tracking(track, track.run_name or f"sweep {track.sweep_id}")
-    line = plan_line(configs, spec.device, filled, auto)
-    if line:
-        warn(line)
-    compiling = {"compile_workers": workers, "compile_cache": compile_cache}
-    return run_parts(configs, params, track, shard, gpu_ids, not quiet, warn, compiling)
+    measure.check_runtime(spec.device, bwd)
+    return None
 
 
 LARGE_CPU_BYTES = 2**30  # a CPU sweep this big per config says so up front
@@ -395,10 +408,14 @@ def run_parts(
     progress: bool,
     warn: Callable[[str], None],
     compiling: dict | None = None,
+    *,
+    isolate: bool | None = None,
+    child: measuring.Child | None = None,
 ) -> Outcome:
     """Measure the whole sweep here, its `part` (I, N) slice, or that slice spread over local
     `gpus` (CUDA_VISIBLE_DEVICES values). `track.sweep_id` must be set; `compiling` holds
-    measure_and_track's compile_workers and compile_cache."""
+    measure_and_track's compile_workers and compile_cache, `isolate` and `child` its own
+    (not used with `gpus`)."""
     compiling = compiling or {}
     if part:
         configs = shard_of(configs, part, track.sweep_id, warn)
@@ -410,7 +427,14 @@ def run_parts(
         params = {**params, "shard": label}
         track = replace(track, run_name=part_name(track, label))
     return measure_and_track(
-        configs, track, sweep_params=params, progress=progress, warn=warn, **compiling
+        configs,
+        track,
+        sweep_params=params,
+        progress=progress,
+        warn=warn,
+        isolate=isolate,
+        child=child,
+        **compiling,
     )
 
 
@@ -555,6 +579,7 @@ def worker(job_path: str, result_path: str) -> int:
         TrackingSettings(**job["track"]),
         sweep_params=job["sweep_params"],
         compile_workers=job.get("compile_workers", 0),
+        isolate=False,  # this worker is the measuring process of its GPU
         progress=False,
         warn=lambda m: warn_stderr(prefix + m),
     )

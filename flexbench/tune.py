@@ -406,7 +406,7 @@ def tune_sweep(
         _warn_offline(tracker, out, warn)
 
     configs = [cand.config for p in plans for cand in p.measured]
-    with sweep.stoppable() as stopped:
+    with pipeline.stoppable() as stopped:
         pipeline.measure_configs(configs, on_result, progress=progress)
     out.interrupted = stopped[0] if stopped else ""
     if out.interrupted:
