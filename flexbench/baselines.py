@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from typing import TYPE_CHECKING
 
 from flexbench import mods
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Names that would collide with the seed's metrics (fwd_eager_us, fwd_compiled_us,
 # fwd_max_abs_err, baseline_max_abs_err) or the sweep's (fwd_speedup_mean, ...).
@@ -145,8 +144,12 @@ def sdpa_mask(case: Case) -> Tensor | None:
     return mask.expand(*mask.shape[:2], q.shape[2], k.shape[2]).contiguous()
 
 
-def sdpa_call(case: Case, backend: SDPBackend | None = None) -> Callable[[], Tensor]:
-    """SDPA computing the mod's function; with `backend`, forced to that kernel."""
+def sdpa_call(case: Case, backend: str = "") -> Callable[[], Tensor]:
+    """SDPA computing the mod's function; with `backend` (an SDPBackend name), forced to that
+    kernel."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     mask = sdpa_mask(case)
     kwargs = {"enable_gqa": True} if case.gqa else {}
     q, k, v, causal = case.q, case.k, case.v, case.built.sdpa_is_causal
@@ -156,11 +159,11 @@ def sdpa_call(case: Case, backend: SDPBackend | None = None) -> Callable[[], Ten
             q, k, v, attn_mask=mask, is_causal=causal, scale=case.scale, **kwargs
         )
 
-    if backend is None:
+    if not backend:
         return call
 
     def forced() -> Tensor:
-        with sdpa_kernel(backend):
+        with sdpa_kernel(getattr(SDPBackend, backend)):
             return call()
 
     return forced
@@ -173,22 +176,22 @@ def sdpa(case: Case) -> Callable[[], Tensor]:
 
 @register("sdpa_cudnn", "SDPA forced to cuDNN attention", sdpa=True, needs_cuda=True)
 def sdpa_cudnn(case: Case) -> Callable[[], Tensor]:
-    return sdpa_call(case, SDPBackend.CUDNN_ATTENTION)
+    return sdpa_call(case, "CUDNN_ATTENTION")
 
 
 @register("sdpa_flash", "SDPA forced to flash attention (no attn_mask)", sdpa=True)
 def sdpa_flash(case: Case) -> Callable[[], Tensor]:
-    return sdpa_call(case, SDPBackend.FLASH_ATTENTION)
+    return sdpa_call(case, "FLASH_ATTENTION")
 
 
 @register("sdpa_efficient", "SDPA forced to memory-efficient attention", True, True)
 def sdpa_efficient(case: Case) -> Callable[[], Tensor]:
-    return sdpa_call(case, SDPBackend.EFFICIENT_ATTENTION)
+    return sdpa_call(case, "EFFICIENT_ATTENTION")
 
 
 @register("sdpa_math", "SDPA forced to its math fallback (matmuls and softmax)", sdpa=True)
 def sdpa_math(case: Case) -> Callable[[], Tensor]:
-    return sdpa_call(case, SDPBackend.MATH)
+    return sdpa_call(case, "MATH")
 
 
 # --- dense math ------------------------------------------------------------------------------
@@ -206,6 +209,8 @@ def dense_math(
 ) -> Tensor:
     """softmax(transform(scale·QKᵀ) + bias, blocked = -inf) V as a user writes it: matmuls in
     the compute dtype, softmax in float32, no other pass (a fully masked row gives NaN)."""
+    import torch
+
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -221,6 +226,8 @@ def dense_math(
 
 def math_args(case: Case) -> tuple:
     """dense_math's arguments, prepared once outside the timed call."""
+    import torch
+
     built, q = case.built, case.q
     bias = built.bias.to(q.dtype) if built.bias is not None else None
     blocked = ~built.mask if built.mask is not None else None
@@ -240,6 +247,8 @@ _compiled_math: list[Callable] = []
 
 
 def compiled_math() -> Callable:
+    import torch
+
     if not _compiled_math:
         _compiled_math.append(torch.compile(dense_math, dynamic=False, fullgraph=True))
     return _compiled_math[0]

@@ -13,12 +13,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
-
-import torch
-from torch import Tensor
-from torch.nn.attention.flex_attention import and_masks, or_masks
+from typing import TYPE_CHECKING
 
 from flexbench import usermods
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 NOT_MASK = "is not a mask_mod; only mask_mods compose with & and |"
 
@@ -98,6 +98,7 @@ class ModInfo:
 def _indices(d: Dims) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """b, h, q_idx, kv_idx as aranges on their own axes of [B, H, Q, KV]: a mod called on
     them computes every index at once (broadcasting), as flex does one by one."""
+    import torch
 
     def axis(size: int, dim: int) -> Tensor:
         shape = [1, 1, 1, 1]
@@ -114,6 +115,8 @@ def _masked(d: Dims, mask_mod: Callable) -> Built:
 
 def _biased(d: Dims, score_mod: Callable) -> Built:
     """An additive score_mod and its dense bias: score_mod(0, b, h, q_idx, kv_idx)."""
+    import torch
+
     zero = torch.zeros((), dtype=torch.float32, device=d.device)
     return Built(score_mod=score_mod, bias=score_mod(zero, *_indices(d)))
 
@@ -171,6 +174,8 @@ def _head_bias(d: Dims, _p: float | None) -> Built:
 
 def alibi_slopes(heads: int, device: str) -> Tensor:
     """ALiBi slopes 2^(-8(h+1)/H), one per head."""
+    import torch
+
     exponents = torch.arange(1, heads + 1, device=device, dtype=torch.float32)
     return torch.exp2(-8.0 * exponents / heads)
 
@@ -221,6 +226,8 @@ def _prefix_lm(d: Dims, p: float | None) -> Built:
 
 def document_ids(length: int, docs: int, device: str) -> Tensor:
     """Document id of each position: `docs` documents with lengths in proportion 1:2:...:docs."""
+    import torch
+
     weights = torch.arange(1, docs + 1, dtype=torch.float64)
     bounds = torch.round(torch.cumsum(weights, 0) / weights.sum() * length).long()
     return torch.bucketize(torch.arange(length), bounds, right=True).to(device)
@@ -248,6 +255,8 @@ def _document_mask(d: Dims, p: float | None) -> Built:
 
 @lru_cache
 def _softcap_mod(cap: float) -> Callable:
+    import torch
+
     def softcap(score, b, h, q_idx, kv_idx):
         return cap * torch.tanh(score / cap)
 
@@ -321,6 +330,8 @@ class Mod:
 
 def _user_built(inst: Instance, d: Dims) -> Built:
     """A user mod's dense form, evaluated as flex evaluates it (vmap over 0-d indices)."""
+    import torch
+
     fn, size = inst.fn, (d.batch, d.heads, d.q_len, d.kv_len, d.device)
     if inst.kind == "mask_mod":
         return Built(mask_mod=fn, mask=usermods.evaluate(fn, *size))
@@ -370,6 +381,8 @@ def _user_call(user: usermods.UserSpec, obj: Callable, filled: str) -> tuple[str
 
 @lru_cache(maxsize=1024)
 def _compose(op: str, fns: tuple[Callable, ...]) -> Callable:
+    from torch.nn.attention.flex_attention import and_masks, or_masks
+
     return (and_masks if op == "&" else or_masks)(*fns)
 
 

@@ -19,9 +19,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
 
 PLACEHOLDERS = ("batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim", "align", "device")
 # A placeholder's stand-in while a spec is only checked (no config yet).
@@ -170,6 +173,8 @@ def sha(parts: list[str]) -> str:
 
 def _vmapped(fn: Callable, with_score: bool) -> Callable:
     """fn over [B], [H], [Q], [KV] index vectors, each call on 0-d indices (flex's vmap)."""
+    import torch
+
     prefix = (0,) if with_score else ()
     for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None)):
         fn = torch.vmap(fn, in_dims=prefix + dims)
@@ -179,6 +184,8 @@ def _vmapped(fn: Callable, with_score: bool) -> Callable:
 def apply_score_mod(fn: Callable, scores: Tensor, b: Tensor, rows: int | None = None) -> Tensor:
     """score_mod applied to scores [B', H, Q, KV] of batch indices `b` (B' values): in one
     call, or in chunks of `rows` query rows."""
+    import torch
+
     device = scores.device
     _, heads, q_len, kv_len = scores.shape
     h, kv = torch.arange(heads, device=device), torch.arange(kv_len, device=device)
@@ -206,6 +213,8 @@ class ScoreTransform:
 
 
 def _rows(start: int, count: int, q_len: int, device: str | torch.device) -> Tensor:
+    import torch
+
     return torch.arange(start, min(start + count, q_len), device=device)
 
 
@@ -213,6 +222,8 @@ def evaluate(fn: Callable, batch: int, heads: int, q_len: int, kv_len: int, devi
     """fn(b, h, q_idx, kv_idx) at every index, as [B|1, H|1, Q, KV]: one [1, 1, Q, KV] when
     it depends on neither b nor h, [1, H, Q, KV] when not on b. Slices are compared as they
     are evaluated, so a mod that depends on neither holds one slice in memory."""
+    import torch
+
     call, kv = _vmapped(fn, with_score=False), torch.arange(kv_len, device=device)
     rows = max(1, CHUNK // kv_len)
 
