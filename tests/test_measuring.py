@@ -1,0 +1,253 @@
+"""The measuring process: a sweep measured in a child process while this one tracks it.
+
+Tiny CPU sweeps of built-in mods with the child forced on: the same records as in-process, a
+child killed mid-sweep keeps what it sent (one-line problem, exit 1), Ctrl-C to the CLI's
+process group ends the sweep run KILLED with no process left, a device that cannot run gives
+today's one-line error, and the parent never imports torch. Then `device="auto"` resolved
+without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flexbench import measuring, spec, sweep
+from flexbench.record import RunRecord
+from flexbench.spec import SweepSpec
+from flexbench.tracking_settings import TrackingSettings
+from tests.test_tracking import children, tiny
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "run -b 1 -nh 2 -s 128 -d 16 -dtype float32 --quiet".split()
+
+
+def settings(where: Path, name: str) -> TrackingSettings:
+    return TrackingSettings(name, f"sqlite:///{where}/mlflow.db", str(where / "journal.jsonl"))
+
+
+def measuring_children(parent: int) -> list[int]:
+    """Pids of `flexbench.measuring` processes whose parent is `parent`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"flexbench.measuring" in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def journal_results(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines) if e["type"] == "result"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), measuring.ENV: "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """The same two configs tracked in a child process and in this one."""
+    out = {}
+    for isolate in (True, False):
+        where = tmp_path_factory.mktemp(f"isolate-{isolate}")
+        out[isolate] = sweep.measure_and_track(
+            tiny("noop", "causal"), settings(where, "m"), progress=False, isolate=isolate
+        )
+    return out
+
+
+def _shape(record: RunRecord) -> tuple:
+    tags = sorted(k for k in record.tags if k != "flexbench.repro")
+    return record.config_key, record.status, dict(record.params), sorted(record.metrics), tags
+
+
+def test_a_child_process_sweep_gives_the_records_of_an_in_process_one(both):
+    child, here = both[True], both[False]
+    assert [_shape(r) for r in child.records] == [_shape(r) for r in here.records]
+    assert [r.status for r in child.records] == ["FINISHED", "FINISHED"]
+    assert child.exit_code == 0 and not child.problems
+    assert child.phases.keys() == here.phases.keys() and child.phases["phase_compile_s"] > 0
+    run = MlflowClient(f"sqlite:///{Path(child.journal).parent}/mlflow.db").get_run(child.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["configs_total"] == 2
+
+
+def test_a_child_killed_mid_sweep_keeps_the_results_it_sent(tmp_path):
+    def kill_child(record: RunRecord) -> None:
+        for pid in measuring_children(os.getpid()):
+            os.kill(pid, signal.SIGKILL)
+
+    track = settings(tmp_path, "died")
+    out = sweep.measure_and_track(
+        tiny("noop", "causal", "rel"), track, progress=False, isolate=True, on_result=kill_child
+    )
+    assert len(out.records) == 1 and out.exit_code == 1 and not out.interrupted
+    assert out.problems == [
+        "measuring process died (killed by SIGKILL) after 1 of 3 configs; measure the rest "
+        f"with `{sweep.resume_command(None, out.sweep_id)}`"
+    ]
+    assert [e["config_key"] for e in journal_results(tmp_path / "journal.jsonl")] == [
+        out.records[0].config_key
+    ]
+    client = MlflowClient(track.tracking_uri)
+    assert len(children(client, out.run_id)) == 1
+    assert measuring_children(os.getpid()) == []
+
+
+def test_ctrl_c_ends_the_sweep_run_killed_and_leaves_no_process(tmp_path):
+    uri, journal = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "journal.jsonl"
+    args = [
+        *TINY,
+        "--device",
+        "cpu",
+        "-mods",
+        "noop,causal,rel",
+        "--tracking-uri",
+        uri,
+        "--journal",
+        str(journal),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flexbench", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+        start_new_session=True,  # a process group of its own, as a terminal's job is
+    )
+    deadline, seen = time.monotonic() + 180, set()
+    while not journal_results(journal) and time.monotonic() < deadline and proc.poll() is None:
+        seen.update(measuring_children(proc.pid))
+        time.sleep(0.1)
+    assert seen and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group, parent and child
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "stopped by SIGINT after" in err and "KILLED" in err
+    kept = journal_results(journal)
+    assert 1 <= len(kept) < 3
+    client = MlflowClient(uri)
+    sweep_run = client.search_runs(
+        [client.get_experiment_by_name("flexbench").experiment_id],
+        "tags.`flexbench.kind` = 'sweep'",
+    )[0]
+    assert sweep_run.info.status == "KILLED"
+    assert len(children(client, sweep_run.info.run_id)) == len(kept)
+    assert not any(alive(pid) for pid in seen)
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_device_that_cannot_run_is_the_same_one_line_error(isolate, tmp_path):
+    cuda = SweepSpec([1], [2], [128], [16], ["noop"], ["float32"], device="cuda")
+    with pytest.raises(RuntimeError) as err:
+        sweep.run(cuda, settings(tmp_path, "nocuda"), isolate=isolate, warn=lambda m: None)
+    assert str(err.value) == "CUDA is not available on this machine; use --device cpu"
+    assert journal_results(tmp_path / "journal.jsonl") == []
+    assert measuring_children(os.getpid()) == []
+
+
+def test_the_cli_says_so_in_one_line(tmp_path):
+    args = [*TINY, "--device", "cuda", "-mods", "noop"]
+    args += ["--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    done = subprocess.run(
+        [sys.executable, "-m", "flexbench", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "Error: CUDA is not available on this machine; use --device cpu"
+    ]
+
+
+PROBE = """
+import atexit, sys
+atexit.register(lambda: print("torch" in sys.modules, "mlflow" in sys.modules, file=sys.stderr))
+from flexbench.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_the_parent_of_a_child_process_sweep_never_imports_torch(tmp_path):
+    args = [*TINY, "--device", "cpu", "-mods", "noop"]
+    args += ["--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "False True"  # no torch; MLflow yes
+
+
+# --- when, and device "auto" ----------------------------------------------------------------
+
+
+def test_the_environment_variable_forces_it_and_the_api_overrides_it(monkeypatch):
+    monkeypatch.delenv(measuring.ENV, raising=False)
+    assert measuring.wanted(None, "cuda") and not measuring.wanted(None, "cpu")
+    monkeypatch.setenv(measuring.ENV, "0")
+    assert not measuring.wanted(None, "cuda") and measuring.wanted(True, "cpu")
+    monkeypatch.setenv(measuring.ENV, "1")
+    assert measuring.wanted(None, "cpu") and not measuring.wanted(False, "cuda")
+
+
+@pytest.mark.parametrize(
+    ("build", "count", "visible", "want"),
+    [
+        (True, 1, None, True),  # a CUDA build and a GPU: cuda, torch not imported
+        (True, 0, None, False),
+        (False, 1, None, False),  # a CPU wheel on a GPU host: torch decides (cpu)
+        (True, 1, "", False),  # CUDA_VISIBLE_DEVICES hides every GPU
+        (True, 1, "-1", False),
+    ],
+)
+def test_cuda_here_without_torch(build, count, visible, want, monkeypatch):
+    monkeypatch.setattr(spec, "cuda_build", lambda: build)
+    monkeypatch.setattr(spec.gpustate, "device_count", lambda: count)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert spec.cuda_here() is want
+    assert spec.resolve_device("auto") == ("cuda" if want else "cpu")  # this machine: no CUDA
+
+
+def test_nvml_missing_falls_back_to_the_device_file(monkeypatch):
+    monkeypatch.setattr(spec, "cuda_build", lambda: True)
+    monkeypatch.setattr(spec.gpustate, "device_count", lambda: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert spec.cuda_here() is Path("/dev/nvidia0").exists()
+
+
+def test_this_torch_is_seen_as_the_build_it_is():
+    import torch
+
+    assert spec.cuda_build() is (torch.version.cuda is not None)
