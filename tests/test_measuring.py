@@ -24,6 +24,7 @@ from flexbench import measuring, spec, sweep
 from flexbench.record import RunRecord
 from flexbench.spec import SweepSpec
 from flexbench.tracking_settings import TrackingSettings
+from tests.test_precompile import children_of
 from tests.test_tracking import children, tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,17 +36,7 @@ def settings(where: Path, name: str) -> TrackingSettings:
 
 
 def measuring_children(parent: int) -> list[int]:
-    """Pids of `flexbench.measuring` processes whose parent is `parent`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and b"flexbench.measuring" in cmd:
-            found.append(int(entry.name))
-    return found
+    return children_of(parent, "flexbench.measuring")
 
 
 def alive(pid: int) -> bool:

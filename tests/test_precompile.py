@@ -102,8 +102,8 @@ def test_sweep_run_has_phase_metrics(swept):
     assert phases["phase_wait_s"] > 0 and phases["phase_timing_s"] > 0  # waited for NOOP
 
 
-def _workers_of(parent: int) -> list[int]:
-    """Pids of `flexbench.precompile` processes whose parent is `parent`."""
+def children_of(parent: int, module: str = "flexbench.precompile") -> list[int]:
+    """Pids of `python -m <module>` processes whose parent is `parent`."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -113,7 +113,7 @@ def _workers_of(parent: int) -> list[int]:
             cmd = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == parent and b"flexbench.precompile" in cmd:
+        if ppid == parent and module.encode() in cmd:
             found.append(int(entry.name))
     return found
 
@@ -134,7 +134,7 @@ def test_ctrl_c_leaves_no_compile_worker(fresh_cache, mlflow_server):
     deadline, workers = time.monotonic() + 120, []
     while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
-        workers = _workers_of(proc.pid)
+        workers = children_of(proc.pid)
     assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no workers"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
