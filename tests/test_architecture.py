@@ -13,7 +13,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flexbench"
 KNOWN_CYCLES: list[set[str]] = []  # none: keep it so
-NO_HEAVY = ("schema", "record", "report", "summary", "compare", "tracking", "query")
+NO_HEAVY = ("schema", "record", "result", "report", "summary", "compare", "tracking", "query")
 
 
 def modules() -> dict[str, ast.Module]:
