@@ -154,17 +154,15 @@ class Child:
         return json.loads(line) if line.endswith(b"\n") else None  # torn: it died writing
 
     def close(self) -> None:
-        """End it: stdin closed (a moment to exit), then SIGTERM, then SIGKILL."""
+        """End it: SIGTERM (measuring, it stops as on Ctrl-C; else it exits), then SIGKILL."""
         with suppress(OSError):
             self.proc.stdin.close()
-        steps = [(precompile.EXIT_GRACE_S, self.proc.terminate)]
-        steps.append((precompile.KILL_GRACE_S, self.proc.kill))
-        for grace, stop in steps:
+        if self.proc.poll() is None:
+            self.proc.terminate()
             try:
-                self.proc.wait(grace)
-                break
+                self.proc.wait(precompile.KILL_GRACE_S)
             except subprocess.TimeoutExpired:
-                stop()
+                self.proc.kill()
         self.proc.wait()
         self.pipe.close()
 
@@ -172,13 +170,16 @@ class Child:
 @contextmanager
 def passing_on(proc: subprocess.Popen) -> Iterator[list[str]]:
     """While the child measures: SIGINT (which reached it too) and SIGTERM (passed on to it)
-    are noted in the list, not raised, so every result it sends is still read and logged."""
+    are noted in the list, not raised, so every result it sends is still read and logged; a
+    second SIGINT raises KeyboardInterrupt (a child that does not stop is then ended)."""
     signals: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield signals
         return
 
     def on_int(signum: int, frame: object) -> None:
+        if "SIGINT" in signals:  # a second Ctrl-C: stop waiting for it
+            raise KeyboardInterrupt
         signals.append("SIGINT")
 
     def on_term(signum: int, frame: object) -> None:
@@ -201,6 +202,7 @@ def passing_on(proc: subprocess.Popen) -> Iterator[list[str]]:
 
 def main(fd: str, settings: str) -> int:
     """Check the runtime, say hello, measure the job from stdin, sending every result on `fd`."""
+    os.set_inheritable(int(fd), False)  # its end-of-file must not wait for our children
     out = os.fdopen(int(fd), "w", buffering=1)
 
     def send(**message: object) -> None:
