@@ -57,7 +57,7 @@ VARIANTS = {
     "burst_gap0.25": {"flags": [], "burst_gap": 0.25},
     "default2": {"flags": []},
     "combo": {"flags": ["--min-samples", "5", "--max-time", "0.5"], "burst_gap": 0.25},
-    "noahead": {"flags": [], "env": {"FLEXBENCH_COMPILE_AHEAD": "0"}},  # no compile-ahead
+    "ahead": {"flags": [], "env": {"FLEXBENCH_COMPILE_AHEAD": "1"}},  # compile-ahead on
     "default3": {"flags": []},
 }
 DEFAULT_VARIANTS = "cold,default,profile,min_samples5,max_time0.5,burst_gap0.25,default2"

@@ -81,15 +81,20 @@ def test_overlap_only_beside_cuda_graph_timers_and_eager_baselines():
     assert not ahead.may_overlap(with_options(gpu, baselines="sdpa,inductor_math"))  # dynamo
 
 
-def test_aot_is_for_static_default_mode_cuda_configs_and_can_be_turned_off(monkeypatch):
+def test_aot_is_opt_in_for_static_default_mode_cuda_configs(monkeypatch):
     bench = measure.Bench()
     assert not bench.uses_aot(CAUSAL)  # CPU: dynamo's first call, as the CPU timer sees it
     forced = measure.Bench(aot=True)
     assert forced.uses_aot(CAUSAL)
     assert not forced.uses_aot(with_options(CAUSAL, dynamic=True))
     assert not forced.uses_aot(with_options(CAUSAL, max_autotune=True))
+    gpu = with_options(CAUSAL, device="cuda")
+    monkeypatch.delenv(ahead.ENV, raising=False)
+    assert not ahead.uses_aot(gpu)  # off unless asked for
+    monkeypatch.setenv(ahead.ENV, "1")
+    assert ahead.uses_aot(gpu) == ahead._torch_has_aot()
     monkeypatch.setenv(ahead.ENV, "0")
-    assert not ahead.uses_aot(with_options(CAUSAL, device="cuda"))
+    assert not ahead.uses_aot(gpu)
 
 
 def test_host_guard_shortens_the_switch_interval_and_restores_it():
