@@ -63,10 +63,13 @@ def _aot_enabled() -> AbstractContextManager:
     return nullcontext()
 
 
-def uses_aot(c: BenchConfig) -> bool:
-    """Config `c` runs an aot-compiled flex: CUDA, static shapes, default compile mode (a
-    dynamic graph or autotuning is left to dynamo's own first call)."""
-    return c.device == "cuda" and not (c.dynamic or c.max_autotune) and available()
+def uses_aot(c: BenchConfig, on: bool | None = None) -> bool:
+    """Config `c` runs an aot-compiled flex: static shapes, default compile mode (a dynamic
+    graph or autotuning is left to dynamo's own first call), and `on` (None: on CUDA when
+    `available`)."""
+    if on is None:
+        on = c.device == "cuda" and available()
+    return on and not (c.dynamic or c.max_autotune)
 
 
 def may_overlap(c: BenchConfig) -> bool:
@@ -80,11 +83,11 @@ def may_overlap(c: BenchConfig) -> bool:
 
 
 class AotFlex:
-    """flex_attention on fixed inputs and keywords, aot-compiled on first call (or by
-    `compile()`, e.g. on a thread ahead of it)."""
+    """flex_attention on fixed inputs and keywords, aot-compiled (default mode: `uses_aot`
+    leaves autotuning to dynamo) on first call, or by `compile()`, e.g. on a thread ahead."""
 
-    def __init__(self, inputs: Sequence[Tensor], kwargs: dict, mode: str) -> None:
-        self.inputs, self.kwargs, self.mode = tuple(inputs), kwargs, mode
+    def __init__(self, inputs: Sequence[Tensor], kwargs: dict) -> None:
+        self.inputs, self.kwargs = tuple(inputs), kwargs
         self.fn: Callable | None = None
         self.compile_s = 0.0
         self.recompiled = False
@@ -96,7 +99,7 @@ class AotFlex:
         start = time.perf_counter()
         grad = any(t.requires_grad for t in self.inputs)  # as it will be called (thread-local)
         with _aot_enabled(), torch.set_grad_enabled(grad):
-            compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False, mode=self.mode)
+            compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False)
             self.fn = compiled.aot_compile((self.inputs, self.kwargs))
         self.compile_s = time.perf_counter() - start
 
@@ -120,15 +123,11 @@ class Ahead:
     thread: threading.Thread | None = None
     error: BaseException | None = None
 
-    def wait(self) -> float:
-        """Wait for the thread; the seconds waited."""
-        start = time.perf_counter()
-        self.thread.join()
-        return time.perf_counter() - start
 
-
-def start(setup: object, flex: AotFlex) -> Ahead:
-    """Compile `flex` on a thread (its stray kernels, if any, on a stream of its own)."""
+def start(setup: object) -> Ahead:
+    """Compile `setup.flex` (an AotFlex) on a thread (its stray kernels, if any, on a stream of
+    its own)."""
+    flex = setup.flex  # type: ignore[attr-defined]
     stream = torch.cuda.Stream() if flex.inputs[0].is_cuda else None
     ahead = Ahead(setup)
 

@@ -325,9 +325,7 @@ class Bench:
 
     def uses_aot(self, c: BenchConfig) -> bool:
         """Config `c`'s flex is aot-compiled (`ahead.AotFlex`)."""
-        if self.aot is None:
-            return ahead.uses_aot(c)
-        return self.aot and not (c.dynamic or c.max_autotune)
+        return ahead.uses_aot(c, self.aot)
 
     def overlaps(self, c: BenchConfig, nxt: BenchConfig) -> bool:
         """`nxt` may compile on a thread while `c` is timed (`ahead.may_overlap`)."""
@@ -343,7 +341,7 @@ class Bench:
             setup = prepare(nxt, self, Result(nxt))
         except (Exception, torch.OutOfMemoryError):  # noqa: BLE001 - it fails in its turn
             return
-        self._ahead[nxt.config_key()] = ahead.start(setup, setup.flex)
+        self._ahead[nxt.config_key()] = ahead.start(setup)
         timing.GUARD.on()
 
     def take_ahead(self, c: BenchConfig, result: Result) -> Setup | None:
@@ -352,7 +350,7 @@ class Bench:
         pending = self._ahead.pop(c.config_key(), None)
         if pending is None:
             return None
-        pending.wait()
+        pending.thread.join()
         timing.GUARD.off()
         if pending.error is not None:
             return None
@@ -468,7 +466,7 @@ def prepare(c: BenchConfig, bench: Bench, result: Result) -> Setup:
     scale = 1.0 / math.sqrt(c.head_dim)
     kwargs = flex_kwargs(c, built, block_mask, scale)
     if bench.uses_aot(c):
-        flex = ahead.AotFlex((q, k, v), kwargs, COMPILE_MODES[c.max_autotune])
+        flex = ahead.AotFlex((q, k, v), kwargs)
     else:
         flex = _flex_call(bench.compiled(c), (q, k, v), kwargs)
     density = block_density(block_mask)
@@ -518,7 +516,6 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     record_kernels(c, {"flex": flex, **ready}, dout, (q, k, v), result.tags)
     series = {FLEX: flex, **ready}
     fwd_flops = flops.attention_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, s.density)
-    lap("check")
     bench.start_next(c, flex)  # the next config compiles while this one is timed
     lap("check")
     settings = bench.timing_settings(c)

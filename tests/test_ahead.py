@@ -38,7 +38,7 @@ def test_the_next_config_compiles_on_a_thread_while_this_one_is_timed(monkeypatc
     started = []
     real_start = ahead.start
     monkeypatch.setattr(
-        ahead, "start", lambda setup, flex: started.append(flex) or real_start(setup, flex)
+        ahead, "start", lambda setup: started.append(setup.flex) or real_start(setup)
     )
     bench = measure.Bench(aot=True)
     bench.upcoming = BIAS
