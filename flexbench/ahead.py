@@ -25,7 +25,6 @@ cause not isolated: the aot-compiled call or the guard's GPU sleep), so it is no
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,17 +36,17 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
-from flexbench import timers
+from flexbench import env, timers
 from flexbench.config import BenchConfig
 
-ENV = "FLEXBENCH_COMPILE_AHEAD"
+ENV = env.COMPILE_AHEAD
 COMPILED_BASELINES = frozenset({"inductor_math"})  # timed through dynamo: no tracing beside
 
 
 def available() -> bool:
     """Compiling ahead is asked for (FLEXBENCH_COMPILE_AHEAD=1) and this torch can
     (torch.compile(...).aot_compile)."""
-    return os.environ.get(ENV, "0").strip() == "1" and _torch_has_aot()
+    return bool(env.switch(ENV)) and _torch_has_aot()
 
 
 @cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -23,6 +24,25 @@ ENV_TAGS = (
     "git_sha",
     "host",
 )
+
+
+MEASURE_PROCESS = "FLEXBENCH_MEASURE_PROCESS"  # measure in a child process (measuring)
+COMPILE_AHEAD = "FLEXBENCH_COMPILE_AHEAD"  # compile the next config on a thread (ahead)
+
+
+def check_switches() -> None:
+    """ValueError (one line) for a flexbench switch set to neither 1 nor 0."""
+    for name in (MEASURE_PROCESS, COMPILE_AHEAD):
+        switch(name)
+
+
+def switch(name: str) -> bool | None:
+    """An on/off environment variable: True for 1, False for 0, None when unset or empty;
+    ValueError (one line, with the fix) for anything else."""
+    value = os.environ.get(name, "").strip()
+    if value in ("", "0", "1"):
+        return None if not value else value == "1"
+    raise ValueError(f"{name} must be 1 (on) or 0 (off), got {value!r}: set 1 or 0, or unset it")
 
 
 def _run(*cmd: str, cwd: str | Path | None = None) -> str:

@@ -27,11 +27,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import IO
 
-from flexbench import pipeline, precompile
+from flexbench import env, pipeline, precompile
 from flexbench.config import BenchConfig
 from flexbench.result import Result, from_wire, to_wire
 
-ENV = "FLEXBENCH_MEASURE_PROCESS"  # 1 / 0: measure in a child process or in this one
+ENV = env.MEASURE_PROCESS  # 1 / 0: measure in a child process or in this one
 
 
 def wanted(isolate: bool | None, device: str) -> bool:
@@ -39,10 +39,8 @@ def wanted(isolate: bool | None, device: str) -> bool:
     FLEXBENCH_MEASURE_PROCESS environment variable says (1/0), else on CUDA."""
     if isolate is not None:
         return isolate
-    forced = os.environ.get(ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    return device == "cuda"
+    forced = env.switch(ENV)
+    return device == "cuda" if forced is None else forced
 
 
 @contextmanager
@@ -209,7 +207,7 @@ def main(fd: str, settings: str) -> int:
         out.write(json.dumps(message) + "\n")
 
     setting = json.loads(settings)
-    from flexbench import env, measure  # torch
+    from flexbench import measure  # torch
 
     try:
         measure.check_runtime(setting["device"], setting["calculate_bwd"])

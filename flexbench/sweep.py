@@ -327,6 +327,7 @@ def run(
     config. `isolate`: measure in a child process (measure_and_track); None: on CUDA, or as
     FLEXBENCH_MEASURE_PROCESS says."""
     warn = warn or warn_stderr
+    env.check_switches()
     spec, track = spec or SweepSpec(), tracking or TrackingSettings()
     auto = spec.device == "auto"
     spec = spec.resolved(gpus)

@@ -42,7 +42,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flexbench import artifacts, measure, mods, pipeline, report, repro, schema, sweep, tracking
+from flexbench import (
+    artifacts,
+    env,
+    measure,
+    mods,
+    pipeline,
+    report,
+    repro,
+    schema,
+    sweep,
+    tracking,
+)
 from flexbench.config import KERNEL_OPTION_TYPES, BenchConfig, with_options
 from flexbench.record import RunRecord
 from flexbench.spec import SweepSpec
@@ -440,6 +451,7 @@ def run(
     """`flexbench tune`: expand `spec` as `run` does (its kernel_options and max_autotune are
     what tune varies), plan each config's candidates over `grid` (ValueError on bad input),
     check the device (RuntimeError), then measure and log as `tracking` says."""
+    env.check_switches()
     spec = (spec or SweepSpec()).resolved()
     measure.check_runtime(spec.device, bool(spec.setting("calculate_bwd")))
     grid_ = parse_grid(grid)

@@ -210,6 +210,22 @@ def test_the_environment_variable_forces_it_and_the_api_overrides_it(monkeypatch
     assert measuring.wanted(None, "cpu") and not measuring.wanted(False, "cuda")
 
 
+@pytest.mark.parametrize("name", [measuring.ENV, "FLEXBENCH_COMPILE_AHEAD"])
+def test_a_switch_set_to_neither_1_nor_0_is_a_one_line_usage_error(name, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "flexbench", *TINY, "--device", "cpu"],
+        env={**cli_env(), name: "yes"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{name} must be 1 (on) or 0 (off), got 'yes'" in lines[0]
+    assert not (tmp_path / ".flexbench").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.parametrize(
     ("build", "count", "visible", "want"),
     [
