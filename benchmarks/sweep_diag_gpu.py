@@ -59,9 +59,16 @@ VARIANTS = {
     "combo": {"flags": ["--min-samples", "5", "--max-time", "0.5"], "burst_gap": 0.25},
     "ahead": {"flags": [], "env": {"FLEXBENCH_COMPILE_AHEAD": "1"}},  # compile-ahead on
     "default3": {"flags": []},
+    # the GPU sleep compile-ahead's guard puts before each graph sample, without compile-ahead
+    "sleep": {"flags": [], "guard_sleep": True},
+    # compile workers at normal priority (precompile.WORKER_NICE 0)
+    "nice0": {"flags": [], "patches": {"flexbench.precompile": {"WORKER_NICE": 0}}},
+    "inproc": {"flags": [], "env": {"FLEXBENCH_MEASURE_PROCESS": "0"}},  # no measuring child
+    "child": {"flags": [], "env": {"FLEXBENCH_MEASURE_PROCESS": "1"}},  # one, on CPU too
 }
 DEFAULT_VARIANTS = "cold,default,profile,min_samples5,max_time0.5,burst_gap0.25,default2"
 BASE = "default"  # medians are compared against this run's
+SITE = HERE / "diag_site"  # sitecustomize: the hooks inside flexbench's own child processes
 RUN_TIMEOUT_S = 300
 BUDGET_S = 520  # the GPU machine's command limit is 600 s: leave time to write the results
 TOP_FUNCTIONS = 50
@@ -76,6 +83,7 @@ HOOKS = (
     "flexbench.precompile:Pool.__exit__",
     "flexbench.precompile:Pool.take",
     "flexbench.timing:warm_gpu",
+    "flexbench.pipeline:measure_sweep",
     "flexbench.pipeline:measure_configs",
     "flexbench.measure:Bench.run",
     "flexbench.measure:prepare",
@@ -182,6 +190,65 @@ class Hooks:
             return args, {**kwargs, "on_result": on_result}
         return (args[0], on_result, *args[2:]), kwargs
 
+    def install_lazy(self, patches: dict | None = None, guard_sleep: bool = False) -> None:
+        """Wrap HOOKS (and apply `patches`, module -> {attribute: value}) as each module is
+        first imported, importing nothing early (the parent of a measuring process never
+        imports torch); the import of torch is an event. `guard_sleep`: compile-ahead's GPU
+        sleep before every graph sample, with or without compile-ahead (flexbench before
+        the timer took it for every sample)."""
+        import importlib.abc
+
+        wanted: dict[str, list[str]] = {}
+        for target in HOOKS:
+            module, attr = target.split(":")
+            wanted.setdefault(module, []).append(attr)
+        patches = patches or {}
+        hooks = self
+
+        def loaded(name: str, module: object) -> None:
+            for attr_path in wanted.get(name, []):
+                *parents, attr = attr_path.split(".")
+                owner = module
+                try:
+                    for p in parents:
+                        owner = getattr(owner, p)
+                    getattr(owner, attr)
+                except AttributeError:
+                    hooks.missing.append(f"{name}:{attr_path}")
+                    continue
+                hooks.wrap(owner, attr, f"{name}:{attr_path}")
+            for attr, value in patches.get(name, {}).items():
+                setattr(module, attr, value)
+            if name == "flexbench.timing" and guard_sleep and hasattr(module.GUARD, "cycles"):
+                module.GUARD.cycles = module.HostGuard.CYCLES  # flexbench before 2026-12-02c
+
+        class Finder(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name != "torch" and name not in wanted and name not in patches:
+                    return None
+                for finder in [f for f in sys.meta_path if f is not self]:
+                    found = getattr(finder, "find_spec", lambda *a: None)(name, path, target)
+                    if found is not None:
+                        break
+                else:
+                    return None
+                loader, start = found.loader, time.time()
+                original = loader.exec_module
+
+                def exec_module(module):
+                    original(module)
+                    if name == "torch":
+                        hooks.mark("import torch", start)
+                    else:
+                        loaded(name, module)
+
+                loader.exec_module = exec_module
+                return found
+
+        for name in [n for n in (*wanted, *patches) if n in sys.modules]:
+            loaded(name, sys.modules[name])  # imported already (e.g. flexbench.cli's)
+        sys.meta_path.insert(0, Finder())
+
     def install(self, targets: tuple[str, ...] = HOOKS) -> None:
         import importlib
 
@@ -206,25 +273,13 @@ def child(spec: dict, argv: list[str]) -> None:
     hooks.mark("python started")
     sys.path.insert(0, str(REPO))
     start = time.time()
-    import torch  # noqa: F401 - timed: the package imports it anyway
-
-    hooks.mark("import torch", start)
-    start = time.time()
     import flexbench.cli
     import flexbench.sweep  # noqa: F401 - what `run` imports lazily
 
-    hooks.mark("import flexbench", start)
-    start = time.time()
-    try:
-        import mlflow  # noqa: F401 - timed: tracking needs it
-    except ImportError:
-        pass
-    hooks.mark("import mlflow", start)
-    hooks.install()
-    if spec.get("burst_gap") is not None:
-        from flexbench import timing
-
-        timing.BURST_GAP = float(spec["burst_gap"])
+    hooks.mark("import flexbench", start)  # not mlflow: `run` imports it after starting
+    # its measuring process, and importing it here would delay that
+    site = json.loads(os.environ.get("FLEXBENCH_DIAG_SITE", "{}"))  # patches: measured here too
+    hooks.install_lazy(site.get("patches"), bool(site.get("guard_sleep")))
     profiler = None
     if spec.get("profile"):
         import cProfile
@@ -384,9 +439,50 @@ def timeline(events: list[dict], wall_s: float) -> list[tuple[str, float | None]
     return out
 
 
+def child_events(name: str) -> list[dict]:
+    """The events the measuring process and the compile workers wrote (diag_site)."""
+    events = []
+    for path in sorted(WORK.glob(f"{name}.*.*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:  # a killed worker's torn last line
+                pass
+    return events
+
+
+INSTANTS = (  # (label, event name, start or end, process, first or last)
+    ("parent: flexbench imported", "import flexbench", "t1", None, False),
+    ("parent: connected (tracker + hello)", "flexbench.sweep:connect", "t1", None, False),
+    ("measuring: python started", "python started", "t0", "measuring", False),
+    ("measuring: torch imported", "import torch", "t1", "measuring", False),
+    ("measuring: hello (env captured)", "flexbench.env:capture", "t1", "measuring", False),
+    ("measuring: job in, pool starts", "flexbench.precompile:Pool.__enter__", "t0", "measuring", 0),
+    ("measuring: loop starts", "flexbench.pipeline:measure_configs", "t0", "measuring", False),
+    ("workers: first torch imported", "import torch", "t1", "worker", False),
+    ("workers: first config compiled", "flexbench.measure:Bench.run", "t1", "worker", False),
+    ("workers: last config compiled", "flexbench.measure:Bench.run", "t1", "worker", True),
+    ("measuring: config 1 starts", "flexbench.measure:Bench.run", "t0", "measuring", False),
+    ("measuring: config 1 compiled", "flexbench.measure:_first_calls", "t1", "measuring", False),
+    ("measuring: last config done", "flexbench.measure:Bench.run", "t1", "measuring", True),
+    ("parent: sweep finished", "flexbench.tracking:Tracker.finish", "t1", None, True),
+    ("parent: cli end", "cli end", "t1", None, True),
+)
+
+
+def instants(events: list[dict]) -> list[tuple[str, float | None]]:
+    """Seconds since the spawn at which each process reached each point (INSTANTS)."""
+    out = []
+    for label, name, key, process, last in INSTANTS:
+        found = [e[key] for e in events if e["name"] == name and e.get("process") == process]
+        out.append((label, (max(found) if last else min(found)) if found else None))
+    return out
+
+
 def per_config(events: list[dict], series: dict) -> list[dict]:
     """One row per config in sweep order: wait, compile, check, timing, tracking, the gap to
     the next config, fwd/bwd timing seconds and samples, unconverged and retaken series."""
+    events = [e for e in events if e.get("process") in (None, "measuring")]
     runs = [e for e in events if e["name"] == "flexbench.measure:Bench.run"]
     runs = [e for e in runs if e.get("body") == "measure"]
     takes = sorted(
@@ -459,12 +555,15 @@ def flexbench_args(sweep: str, out: Path, name: str, flags: list[str]) -> list[s
 
 
 def run_variant(name: str, sweep: str, out: Path, timeout: float) -> dict:
-    """One variant in a fresh process (this script's --child) on the shared cache."""
-    spec = VARIANTS[name]
+    """One variant in a fresh process (this script's --child) on the shared cache; `name`
+    may carry a repeat number (`default#2`)."""
+    spec = VARIANTS[name.split("#")[0]]
     if spec.get("cold"):
         shutil.rmtree(CACHE, ignore_errors=True)
     for suffix in (".jsonl", ".events.json", ".prof"):
         (WORK / f"{name}{suffix}").unlink(missing_ok=True)
+    for old in WORK.glob(f"{name}.*.*.jsonl"):  # the last run's child-process events
+        old.unlink()
     child_spec = {"events": str(WORK / f"{name}.events.json"), "burst_gap": spec.get("burst_gap")}
     if spec.get("profile"):
         child_spec["profile"] = str(WORK / f"{name}.prof")
@@ -480,6 +579,13 @@ def run_variant(name: str, sweep: str, out: Path, timeout: float) -> dict:
     argv = flexbench_args(sweep, out, name, spec["flags"])
     start = time.time()
     child_spec["t_spawn"] = start
+    patches = dict(spec.get("patches", {}))
+    if spec.get("burst_gap") is not None:
+        patches["flexbench.timing"] = {"BURST_GAP": float(spec["burst_gap"])}
+    site = {"t_spawn": start, "prefix": str(WORK / name), "benchmarks": str(HERE)}
+    site |= {"patches": patches, "guard_sleep": bool(spec.get("guard_sleep"))}
+    env["FLEXBENCH_DIAG_SITE"] = json.dumps(site)
+    env["PYTHONPATH"] = os.pathsep.join([str(SITE), env["PYTHONPATH"]])
     cmd = [sys.executable, __file__, "--child", json.dumps(child_spec), "--", *argv]
     try:
         proc = subprocess.run(
@@ -507,8 +613,9 @@ def collect(name: str, spec: dict, wall: float, code: object, stderr: str, paths
     events_path = Path(paths["events"])
     if events_path.exists():
         payload = json.loads(events_path.read_text())
-        events = payload["events"]
+        events = payload["events"] + child_events(name)
         entry["missing_hooks"] = payload["missing_hooks"]
+        entry["instants"] = instants(events)
         entry["timeline"] = timeline(events, wall)
         entry["spans"] = spans(events)
         entry["per_config"] = per_config(events, series)
@@ -566,7 +673,9 @@ def variants_table(result: dict) -> list[str]:
 def breakdown_tables(entry: dict) -> list[str]:
     """The timeline, per-config rows and hooked spans of one run."""
     lines = [f"\n### Breakdown of `{entry['variant']}` (wall {_f(entry['wall_s'])} s)\n"]
-    lines += ["| segment | s |", "|---|---|"]
+    lines += ["| instant | s since spawn |", "|---|---|"]
+    lines += [f"| {label} | {_f(s, 2)} |" for label, s in entry.get("instants", [])]
+    lines += ["\n| segment (this process) | s |", "|---|---|"]
     lines += [f"| {label} | {_f(s, 2)} |" for label, s in entry.get("timeline", [])]
     lines += [
         "\n| config | wait | compile | check | timing | tracking | gap | timed fwd/bwd s | "
@@ -619,9 +728,9 @@ def profile_tables(entry: dict) -> list[str]:
 def report(result: dict) -> str:
     """The markdown: variants, then the breakdown of BASE (and cold), then the profile."""
     lines = [f"## sweep_diag ({result['sweep']}, {result['date']})\n", *variants_table(result)]
-    for name in (BASE, "cold"):
-        if name in result["runs"] and result["runs"][name].get("timeline"):
-            lines += breakdown_tables(result["runs"][name])
+    for entry in result["runs"].values():
+        if entry.get("timeline"):
+            lines += breakdown_tables(entry)
     for entry in result["runs"].values():
         lines += profile_tables(entry)
     for name, e in result["runs"].items():
@@ -649,7 +758,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no run after this")
     args = ap.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in args.variants if v not in VARIANTS]
+    seen: dict[str, int] = {}
+    for i, v in enumerate(args.variants):  # a repeated variant runs again as name#2, ...
+        seen[v] = seen.get(v, 0) + 1
+        args.variants[i] = v if seen[v] == 1 else f"{v}#{seen[v]}"
+    bad = [v for v in args.variants if v.split("#")[0] not in VARIANTS]
     if bad:
         ap.error(f"unknown variant {bad[0]}; use {', '.join(VARIANTS)}")
     if not (CACHE / "inductor").exists() and "cold" not in args.variants:

@@ -83,7 +83,8 @@ def truth(c) -> dict:
     q, k, v = measure.make_inputs(c, requires_grad=True)
     scale = 1.0 / math.sqrt(c.head_dim)
     mask = bench.block_mask(c, built)
-    flex = measure._flex_call(bench.compiled(c), q, k, v, built, mask, scale, c)
+    kwargs = measure.flex_kwargs(c, built, mask, scale)
+    flex = measure._flex_call(bench.compiled(c), (q, k, v), kwargs)
     eager = measure.sdpa_baseline(q, k, v, built, scale)
     dout = torch.randn_like(q)
     out = {"kernel.fwd_eager_us": kernel_us(eager), "kernel.fwd_compiled_us": kernel_us(flex)}
@@ -114,7 +115,7 @@ def fidelity(result: dict, save) -> None:
         c = config(*spec)
         with measure.dynamo_settings(False, 256):
             row = {"config": c.run_name(), **truth(c)}
-        for regime in REGIMES:
+        for regime in result["regimes"]:
             for k, v in measured(config(*spec, regime=regime)).items():
                 row[f"{regime}.{k}"] = v
             for s in SERIES:
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--tag", default="new", help="names the output file")
+    parser.add_argument("--regimes", default=",".join(REGIMES), help="fidelity's regimes")
     args = parser.parse_args()
     import torch
 
@@ -185,6 +187,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"env": env.capture("cuda"), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     result["torch_cuda"] = torch.version.cuda
+    result["regimes"] = args.regimes.split(",")
 
     def save() -> None:
         (out / f"timer_validation_{args.tag}.json").write_text(json.dumps(result, indent=1))

@@ -322,6 +322,14 @@ class Bench:
         self.aot = aot
         self.upcoming: BenchConfig | None = None
         self._ahead: dict[str, ahead.Ahead] = {}
+        self.gate: Callable[[], None] | None = None  # pass_gate calls it once
+
+    def pass_gate(self) -> None:
+        """Before the sweep's first check: wait at its gate (the measuring process's `go`:
+        its sweep run exists), once; what the gate raises stops the sweep."""
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            gate()
 
     def uses_aot(self, c: BenchConfig) -> bool:
         """Config `c`'s flex is aot-compiled (`ahead.AotFlex`)."""
@@ -496,6 +504,8 @@ def measure(c: BenchConfig, bench: Bench, result: Result) -> None:
     outs, first_s = _first_calls(flex, dout, c, (q, k, v))
     m["compile_s"] = compiled_ahead + first_s  # on the thread, if ahead, and the first call
     lap("compile")
+    bench.pass_gate()
+    lap("wait")
     expected_out, expected_grads = reference(q, k, v, built, scale, dout)
     cross_check(q, k, v, built, scale, expected_out)
     expected = [expected_out, *expected_grads]

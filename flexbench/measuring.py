@@ -5,7 +5,10 @@ logs each result as it arrives (`sweep.measure_and_track`), so neither waits on 
 The protocol, JSON lines on the pipe FD (never stdout, where torch may print):
   child:  {"error": line} if this runtime cannot run the sweep (then it exits 1), else
           {"hello": env tags} (env.capture, which imports torch: the parent does not)
-  parent: one line on the child's stdin: configs (every field), compile_workers, compile_cache
+  parent: one line on the child's stdin: configs (every field), compile_workers, compile_cache,
+          gated; when gated (sent before the parent connects), later a line `go` once the
+          sweep run exists: until then the child starts its workers and compiles, but checks
+          and times nothing (end-of-file instead of `go`: it stops)
   child:  {"start": i} before config i, {"result": ...} (result.to_wire) after it,
           {"warn": line}, and last {"done": {"interrupted": "SIGINT" | "SIGTERM" | ""}}
 
@@ -27,7 +30,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import IO
 
-from flexbench import env, pipeline, precompile
+from flexbench import env, fastexit, pipeline, precompile
 from flexbench.config import BenchConfig
 from flexbench.result import Result, from_wire, to_wire
 
@@ -72,6 +75,7 @@ class Child:
 
     def __init__(self, proc: subprocess.Popen, pipe: IO[bytes]) -> None:
         self.proc, self.pipe = proc, pipe
+        self.sent = False  # the job (gated: `go` still to come)
 
     @classmethod
     def start(cls, device: str, calculate_bwd: bool) -> Child:
@@ -110,19 +114,39 @@ class Child:
         compile_cache: str | None = None,
         warn: Callable[[str], None] = print,
     ) -> Ending:
-        """Have it measure `configs`; `on_result` sees each Result here as it arrives, and a
-        progress bar (`progress`) follows it. Returns once it has exited."""
-        job = {"configs": [asdict(c) for c in configs], "compile_workers": compile_workers}
-        job["compile_cache"] = compile_cache
-        with suppress(OSError):  # it died: its pipe's end-of-file says so next
-            self.proc.stdin.write((json.dumps(job) + "\n").encode())
-            self.proc.stdin.close()
+        """Have it measure `configs` (or say `go` to the job `send_job` gave it); `on_result`
+        sees each Result here as it arrives, and a progress bar (`progress`) follows it.
+        Returns once it has exited."""
+        if not self.sent:
+            self.send_job(configs, compile_workers, compile_cache, gated=False)
+        self._write(b"go\n", close=True)
         with passing_on(self.proc) as signals:
             done = self._follow(configs, on_result, progress, warn)
         code = self.proc.wait()
         if done is None:
             return Ending(signals[0] if signals else "", precompile.describe_exit(code))
         return Ending(done["interrupted"])
+
+    def send_job(
+        self,
+        configs: Sequence[BenchConfig],
+        compile_workers: int = 0,
+        compile_cache: str | None = None,
+        gated: bool = True,
+    ) -> None:
+        """Give it its job now; `gated`: it starts its compile workers and compiles at once,
+        but checks and times nothing until `measure` says go (the sweep run exists)."""
+        job = {"configs": [asdict(c) for c in configs], "compile_workers": compile_workers}
+        job |= {"compile_cache": compile_cache, "gated": gated}
+        self.sent = True
+        self._write((json.dumps(job) + "\n").encode(), close=not gated)
+
+    def _write(self, line: bytes, close: bool) -> None:
+        with suppress(OSError, ValueError):  # it died (its end-of-file says so), or closed
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+            if close:
+                self.proc.stdin.close()
 
     def _follow(
         self,
@@ -198,6 +222,12 @@ def passing_on(proc: subprocess.Popen) -> Iterator[list[str]]:
 # --- the measuring process -------------------------------------------------------------------
 
 
+def wait_go() -> None:
+    """Wait for the parent's `go` (its sweep run exists); end-of-file (it gave up): stop."""
+    if sys.stdin.readline().strip() != "go":
+        raise pipeline.Stopped()
+
+
 def main(fd: str, settings: str) -> int:
     """Check the runtime, say hello, measure the job from stdin, sending every result on `fd`."""
     os.set_inheritable(int(fd), False)  # its end-of-file must not wait for our children
@@ -228,16 +258,21 @@ def main(fd: str, settings: str) -> int:
         job["compile_cache"],
         lambda m: send(warn=m),
         on_start=lambda i: send(start=i),
+        gate=wait_go if job.get("gated") else None,
     )
     send(done={"interrupted": interrupted})
     return 0
 
 
-if __name__ == "__main__":
-    precompile.die_with_parent()
+def _entry() -> None:
     try:
         sys.exit(main(*sys.argv[1:3]))
     except KeyboardInterrupt:  # Ctrl-C before measuring: the parent stops too
         sys.exit(128 + signal.SIGINT)
     except BrokenPipeError:  # the parent is gone
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    precompile.die_with_parent()
+    fastexit.run(_entry)  # no interpreter teardown: the parent waits for this exit

@@ -67,13 +67,17 @@ def measure_sweep(
     compile_cache: str | None,
     warn: Callable[[str], None],
     on_start: Callable[[int], None] | None = None,
+    gate: Callable[[], None] | None = None,
 ) -> str:
     """A sweep's measuring: `compile_cache` loaded, `compile_workers` started, every config
-    measured until SIGINT/SIGTERM stops it; the signal's name, '' when it ran to the end."""
+    measured until SIGINT/SIGTERM stops it; the signal's name, '' when it ran to the end.
+    `gate`: called once before the first check (measure_configs)."""
     with ExitStack() as compiling:  # every way out stops the compile workers
         pool = _compiling(compiling, configs, compile_workers, compile_cache, warn)
         with stoppable() as stopped, compiling:  # left here: workers stopped, cache saved
-            measure_configs(configs, on_result, progress, pool=pool, on_start=on_start)
+            measure_configs(
+                configs, on_result, progress, pool=pool, on_start=on_start, gate=gate
+            )
     return stopped[0] if stopped else ""
 
 
@@ -124,6 +128,7 @@ def measure_configs(
     compile_workers: int = 0,
     pool: precompile.Pool | None = None,
     on_start: Callable[[int], None] | None = None,
+    gate: Callable[[], None] | None = None,
 ) -> list[Result]:
     """Measure every config, isolating failures; `on_result` sees each Result as it lands,
     `on_start` each config's index before it is measured.
@@ -132,7 +137,8 @@ def measure_configs(
     that would exceed it fails instead of silently running uncompiled. `compile_workers`
     processes compile the configs ahead (precompile.Pool); or `pool`, a started
     `compile_pool(configs, ...)` its caller stops. A config's phase "wait" is the time the
-    sweep waited for its worker.
+    sweep waited for its worker. `gate` is called once, after the first compile and before
+    the first check or timing (the measuring process waits there for its sweep run).
     """
     from flexbench import measure
 
@@ -140,9 +146,9 @@ def measure_configs(
     for device, bwd in {(c.device, c.calculate_bwd) for c in configs}:
         measure.check_runtime(device, bwd)
     if pool is not None:
-        return _measure(configs, pool, on_result, progress, on_start)
+        return _measure(configs, pool, on_result, progress, on_start, gate)
     with compile_pool(configs, compile_workers, recompile_limit) as own:
-        return _measure(configs, own, on_result, progress, on_start)
+        return _measure(configs, own, on_result, progress, on_start, gate)
 
 
 def _measure(
@@ -151,12 +157,14 @@ def _measure(
     on_result: Callable[[Result], None] | None,
     progress: bool,
     on_start: Callable[[int], None] | None,
+    gate: Callable[[], None] | None,
 ) -> list[Result]:
     from tqdm import tqdm
 
     from flexbench import measure
 
     bench, results = measure.Bench(), []
+    bench.gate = gate
     bench.warm_up(gpu_warm_up(configs))
     if any(c.max_autotune for c in configs):  # autotuning times kernels: not beside it
         bench.settle()

@@ -7,19 +7,24 @@ own caches (FX graph, AOT autograd, triton kernels, in the shared cache director
 graph when the measuring process reaches the config, and its compile is a cache hit. Workers
 never time anything; their one-line results come back on a pipe.
 
-Configs go to workers in sweep order; the measuring process compiles the first one itself
-(workers still import torch then) and any other nobody has taken yet. A worker that raises
+Configs go to workers in sweep order, each to a worker that is ready (torch and its compiler
+imported: seconds, which a warm cache's compile would not save); the measuring process compiles
+the first one itself and any other nobody has taken yet when its turn comes. A worker that raises
 returns the config's failed Result as the measuring process would have made it; one that dies
 fails only its config and is replaced. `--dynamic` and `--max-autotune` configs are left to the
 measuring process: a dynamic graph depends on what it compiled before, and autotuning
 benchmarks kernels, which other processes on the GPU would disturb.
 
 Workers run in their own session: Ctrl-C reaches the measuring process alone, and leaving the
-pool (normally or by an exception) kills every worker with its compiler children.
+pool (normally or by an exception) kills every worker with its compiler children. They run at
+a lower CPU priority (WORKER_NICE, inherited by their compilers): on a machine with fewer free
+cores than workers, the measuring and tracking processes get the CPU first, so starting the
+workers early costs them nothing.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -46,6 +51,8 @@ POLL_S = 0.2  # the pool's thread looks at stop requests this often
 EXIT_GRACE_S = 2.0  # a worker told to stop (stdin closed) gets this long before SIGTERM
 KILL_GRACE_S = 5.0  # ...and this long after SIGTERM before SIGKILL
 WORKER_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}  # one core each (not in any cache key)
+WORKER_NICE = 10  # workers (and their compilers) yield the CPU to the measuring process
+COMPILER = ("torch._dynamo", "torch._inductor.compile_fx")  # what a first compile imports
 TODO, MAIN, WORKER, DONE = "todo", "main", "worker", "done"
 
 
@@ -244,6 +251,7 @@ class Pool:
 
         if message.get("ready"):
             w.ready = True
+            self._assign(w)
             return
         index = message["index"]
         failed = None
@@ -267,16 +275,13 @@ class Pool:
         w.results.close()
         self._live.remove(w)
         code = w.proc.wait()
-        if w.task is None:
-            return
-        if not w.ready:  # died starting up (its environment, not the config): hand it back
+        if not w.ready:  # died starting up (its environment, not a config): nothing was its
             self._warn_once(
                 f"a compile worker exited at start ({describe_exit(code)}: "
                 f"{last_line(w.log)}); the measuring process compiles instead"
             )
-            with self._lock:
-                self._state[w.task] = MAIN
-            self._done[w.task].set()  # no failure: the measuring process compiles it
+            return
+        if w.task is None:
             return
         error = f"compile worker died ({describe_exit(code)}) compiling this config"
         tail = last_line(w.log)
@@ -321,8 +326,7 @@ class Pool:
         os.close(write_fd)
         w = _Worker(proc, os.fdopen(read_fd, "rb", buffering=0), log)
         self._live.append(w)
-        self._selector.register(w.results, selectors.EVENT_READ, w)
-        self._assign(w)
+        self._selector.register(w.results, selectors.EVENT_READ, w)  # its config once ready
 
     # --- stopping --------------------------------------------------------------------------
 
@@ -451,6 +455,8 @@ def worker(settings: str, fd: str) -> int:
     config = json.loads(settings)
     out = os.fdopen(int(fd), "w", buffering=1)
     bench = measure.Bench()
+    for name in COMPILER:  # ready means ready to compile
+        importlib.import_module(name)
     out.write(json.dumps({"ready": True}) + "\n")
     with measure.dynamo_settings(config["dynamic"], config["recompile_limit"]):
         for line in sys.stdin:
@@ -469,7 +475,14 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
+def lower_priority(nice: int = WORKER_NICE) -> None:
+    """Give this process (and the processes it starts) `nice` more niceness, where allowed."""
+    with suppress(OSError, AttributeError):
+        os.nice(nice)
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the measuring process handles Ctrl-C
     die_with_parent()
+    lower_priority()
     sys.exit(worker(*sys.argv[1:3]))

@@ -121,6 +121,8 @@ def measure_and_track(
     check_tracking(track, run_name)
     device = configs[0].device if configs else "cpu"
     with measuring.process(configs, isolate, child) as child:
+        if child is not None and not track.resume:  # --resume: the configs left, once connected
+            child.send_job(configs, compile_workers, compile_cache)  # compiles while we connect
         tracker, tags = connect(track, device, warn, child)
         journal, uri = str(tracker.journal.path), _hint_uri(track.tracking_uri)
         out = Outcome(sweep_id, journal=journal, uri=uri)
@@ -151,8 +153,8 @@ def measure_and_track(
                 on_result(record)
             phases["tracking"] += time.perf_counter() - start_log
 
-        # Workers start once connected (and, with --resume, on the configs left): started
-        # before connecting they slowed the H200 sweep, cold and warm (BENCHMARKS.md §13).
+        # In this process, workers start once connected: started before connecting they slowed
+        # the H200 sweep, cold and warm (BENCHMARKS.md §13), before they ran niced.
         compiling = {"compile_workers": compile_workers, "compile_cache": compile_cache}
         _measure(out, configs, child, log_result, progress, compiling, warn)
     tracker.drain()

@@ -48,7 +48,7 @@ def test_the_next_config_compiles_on_a_thread_while_this_one_is_timed(monkeypatc
     assert sys.getswitchinterval() == pytest.approx(timing.HostGuard.SWITCH_S)  # guarded
     second = bench.run(BIAS)
     assert second.ok, second.error
-    assert timing.GUARD.cycles == 0 and timing.GUARD.saved_interval is None  # guard off again
+    assert timing.GUARD.saved_interval is None  # guard off again
     assert second.metrics["compile_s"] >= started[0].compile_s > 0  # its thread's compile
     alone = measure.Bench(aot=True).run(BIAS)
     assert {k: second.metrics[k] for k in ERRORS} == {k: alone.metrics[k] for k in ERRORS}
@@ -103,9 +103,8 @@ def test_host_guard_shortens_the_switch_interval_and_restores_it():
     guard.on()
     guard.on()  # twice: still restores the original
     assert sys.getswitchinterval() == pytest.approx(timing.HostGuard.SWITCH_S)
-    assert guard.cycles == timing.HostGuard.CYCLES
     guard.off()
-    assert sys.getswitchinterval() == before and guard.cycles == 0
+    assert sys.getswitchinterval() == before
 
 
 def test_a_config_is_compiled_ahead_only_if_no_worker_has_it_or_failed_it():

@@ -258,3 +258,68 @@ def test_this_torch_is_seen_as_the_build_it_is():
     import torch
 
     assert spec.cuda_build() is (torch.version.cuda is not None)
+
+
+def _messages(child: measuring.Child) -> list[dict]:
+    out = []
+    while (message := child._next()) is not None:
+        out.append(message)
+    return out
+
+
+def test_a_gated_job_is_compiled_but_nothing_is_checked_or_timed_before_go():
+    """The job goes out before the parent connects; end-of-file instead of `go` (the parent
+    gave up) stops the child after its first compile, with no result."""
+    configs = tiny("noop", "causal")
+    with measuring.Child.start("cpu", False) as child:
+        child.hello()
+        child.send_job(configs, gated=True)
+        time.sleep(0.5)
+        child.proc.stdin.close()  # what the parent's exit does, without `go`
+        messages = _messages(child)
+        assert child.proc.wait(60) == 0
+    assert {"start": 0} in messages
+    assert not [m for m in messages if "result" in m]
+    assert messages[-1] == {"done": {"interrupted": "SIGTERM"}}
+
+
+def test_go_after_a_gated_job_measures_every_config():
+    configs, got = tiny("noop", "causal"), []
+    with measuring.Child.start("cpu", False) as child:
+        child.hello()
+        child.send_job(configs, gated=True)
+        ending = child.measure(configs, got.append, progress=False)
+    assert ending == measuring.Ending() and [r.config for r in got] == configs
+    assert all(r.error is None and "wait" in r.phases for r in got[:1])
+
+
+def test_a_gate_is_passed_once_before_the_first_check(monkeypatch):
+    """In the loop itself: the gate runs after config 1's compile and before any result; a
+    gate that stops the sweep leaves nothing measured."""
+    from flexbench import measure, pipeline
+
+    order = []
+    checks = []
+    real_check = measure.check
+    monkeypatch.setattr(measure, "check", lambda *a: checks.append(1) or real_check(*a))
+
+    def gate() -> None:
+        order.append(("gate", len(checks)))
+
+    results = pipeline.measure_configs(
+        tiny("noop", "causal"),
+        lambda r: order.append(("result", len(checks))),
+        progress=False,
+        gate=gate,
+    )
+    assert [r.error for r in results] == [None, None]
+    assert order[0] == ("gate", 0) and [o[0] for o in order] == ["gate", "result", "result"]
+
+    def stop() -> None:
+        raise pipeline.Stopped()
+
+    checks.clear()
+    with pytest.raises(pipeline.Stopped):
+        pipeline.measure_configs(tiny("noop"), order.append, progress=False, gate=stop)
+    assert checks == []
+

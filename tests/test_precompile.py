@@ -53,19 +53,36 @@ def _cache_counts() -> tuple[int, int]:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
+_real_take = precompile.Pool.take
+
+
+def _take_once_ready(pool: precompile.Pool, index: int) -> precompile.Ready:
+    """Pool.take, but config 2 waits until the worker is ready (has taken a config): a config
+    goes only to a ready worker, and the first config here fails at once, before the worker
+    has even imported torch; the sweep would then compile config 2 itself."""
+    deadline = time.monotonic() + 120
+    while index == 1 and time.monotonic() < deadline:
+        if any(w.ready for w in pool._live) or not pool._live:
+            break
+        time.sleep(0.05)
+    return _real_take(pool, index)
+
+
 @pytest.fixture(scope="module")
 def swept(fresh_cache, mlflow_server):
     """SWEEP tracked with one compile worker (cache hits and misses seen after each config),
     then its first three configs again without workers, on the cache the first run left."""
     seen = [_cache_counts()]
-    out = sweep.measure_and_track(
-        SWEEP,
-        TrackingSettings("precompile", mlflow_server.uri, str(fresh_cache / "journal.jsonl")),
-        progress=False,
-        warn=print,
-        on_result=lambda record: seen.append(_cache_counts()),
-        compile_workers=1,
-    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(precompile.Pool, "take", _take_once_ready)
+        out = sweep.measure_and_track(
+            SWEEP,
+            TrackingSettings("precompile", mlflow_server.uri, str(fresh_cache / "journal.jsonl")),
+            progress=False,
+            warn=print,
+            on_result=lambda record: seen.append(_cache_counts()),
+            compile_workers=1,
+        )
     plain = pipeline.measure_configs(SWEEP[:3], progress=False)
     deltas = [(h1 - h0, m1 - m0) for (h0, m0), (h1, m1) in zip(seen, seen[1:])]
     return {"out": out, "plain": plain, "deltas": deltas, "uri": mlflow_server.uri}
@@ -271,3 +288,29 @@ def test_resume_starts_the_workers_on_the_configs_left(fresh_cache, tmp_path, mo
     )
     assert order == [("connect", []), ("pool", [256, 64])]
     assert out.skipped == 1 and [r.status for r in out.records] == ["FAILED", "FAILED"]
+
+
+def test_workers_run_at_a_lower_cpu_priority(fresh_cache):
+    """A worker (and the compilers it starts) yields the CPU to the measuring process."""
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + precompile.WORKER_NICE)
+    with precompile.Pool([OWN, NOOP], 1) as pool:
+        deadline, seen = time.monotonic() + 60, None
+        while time.monotonic() < deadline and seen != want:
+            pids = children_of(os.getpid())
+            seen = os.getpriority(os.PRIO_PROCESS, pids[0]) if pids else None
+            time.sleep(0.05)
+        pool.close(graceful=False)
+    assert seen == want
+
+
+def test_a_config_goes_only_to_a_ready_worker(fresh_cache):
+    """While the worker imports torch and its compiler, the sweep compiles its configs itself
+    (a warm cache's compile takes less than those imports); the worker takes what is left."""
+    configs = [OWN, NOOP, RAISES]
+    with precompile.Pool(configs, 1) as pool:
+        assert pool.take(0) == precompile.Ready() and pool.take(1) == precompile.Ready()
+        deadline = time.monotonic() + 120
+        while not pool._done[2].is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        taken = pool.take(2)
+    assert taken.by_worker and "boom from a user score_mod" in taken.failed.error

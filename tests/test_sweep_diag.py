@@ -172,6 +172,8 @@ def test_arguments(monkeypatch, tmp_path):
     assert args.variants == ["cold", "default", "burst_gap0.25"]  # warm needs a cache
     (tmp_path / "empty" / "inductor").mkdir(parents=True)
     assert diag.parse_args(["--out", "x", "--variants", "default"]).variants == ["default"]
+    again = diag.parse_args(["--out", "x", "--variants", "default,max_time0.5,default,default"])
+    assert again.variants == ["default", "max_time0.5", "default#2", "default#3"]
     with pytest.raises(SystemExit):
         diag.parse_args(["--out", "x", "--variants", "default,nope"])
     argv = diag.flexbench_args("headline", tmp_path, "max_time0.5", ["--max-time", "0.5"])
