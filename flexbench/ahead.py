@@ -13,14 +13,15 @@ Two hazards, and what is done about them:
   never enter dynamo (its flex aot-compiled, no compiled baseline) and are CUDA-graph replays
   (`may_overlap`).
 - the timer's events bracket a graph replay; a thread holding the GIL between the start event
-  and the replay would count host time as kernel time. While a thread compiles, each sample is
-  preceded by a GPU sleep longer than any such wait (`timing.HostGuard`), and only CUDA-graph
+  and the replay would count host time as kernel time. Every graph sample is preceded by a GPU
+  sleep (timing.PRESAMPLE_SLEEP_CYCLES, ~1 ms) longer than any such wait while a thread compiles
+  (`timing.HostGuard` shortens the GIL's switch interval to 0.1 ms), and only CUDA-graph
   timers are overlapped.
 
-Off by default: FLEXBENCH_COMPILE_AHEAD=1 turns both on. On the H200 (BENCHMARKS.md §14) it
-cut the warm 16-config sweep's compile phase from 9.5 to 6.1 s but not its wall time beyond
-run-to-run spread, and flex forward medians read 0.9% lower than without it (backward 0.4%;
-cause not isolated: the aot-compiled call or the guard's GPU sleep), so it is not the default.
+Off by default: FLEXBENCH_COMPILE_AHEAD=1 turns both on. On the H200 it halves the warm
+16-config sweep's compile phase (10.1 to 5.3 s) and saved 1-4 s of ~42 s; the 0.9% lower flex
+medians first seen with it were the guard's GPU sleep (now before every sample), and beside it
+flex forward medians still read +0.6% in 2 sweeps against 2 (BENCHMARKS.md §15): opt-in.
 """
 
 from __future__ import annotations
