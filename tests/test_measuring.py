@@ -323,3 +323,21 @@ def test_a_gate_is_passed_once_before_the_first_check(monkeypatch):
         pipeline.measure_configs(tiny("noop"), order.append, progress=False, gate=stop)
     assert checks == []
 
+
+
+def test_a_failed_connect_stops_the_measuring_process_with_nothing_measured(
+    tmp_path, monkeypatch
+):
+    """The job went out before connecting; connecting then fails: the error is raised as
+    before, no result was journalled, and no measuring process is left."""
+
+    def refuse(self) -> bool:
+        raise RuntimeError("no tracking server")
+
+    monkeypatch.setattr(sweep.tracking.Tracker, "connect", refuse)
+    with pytest.raises(RuntimeError, match="no tracking server"):
+        sweep.measure_and_track(
+            tiny("noop", "causal"), settings(tmp_path, "refused"), progress=False, isolate=True
+        )
+    assert journal_results(tmp_path / "journal.jsonl") == []
+    assert measuring_children(os.getpid()) == []
