@@ -117,9 +117,10 @@ class Child:
         """Have it measure `configs` (or say `go` to the job `send_job` gave it); `on_result`
         sees each Result here as it arrives, and a progress bar (`progress`) follows it.
         Returns once it has exited."""
-        if not self.sent:
+        if self.sent:
+            self._write(b"go\n", close=True)
+        else:
             self.send_job(configs, compile_workers, compile_cache, gated=False)
-        self._write(b"go\n", close=True)
         with passing_on(self.proc) as signals:
             done = self._follow(configs, on_result, progress, warn)
         code = self.proc.wait()

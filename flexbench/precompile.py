@@ -475,10 +475,11 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
-def lower_priority(nice: int = WORKER_NICE) -> None:
-    """Give this process (and the processes it starts) `nice` more niceness, where allowed."""
+def lower_priority(nice: int | None = None) -> None:
+    """Give this process (and the processes it starts) `nice` (WORKER_NICE) more niceness,
+    where allowed."""
     with suppress(OSError, AttributeError):
-        os.nice(nice)
+        os.nice(WORKER_NICE if nice is None else nice)
 
 
 if __name__ == "__main__":

@@ -153,8 +153,8 @@ def measure_and_track(
                 on_result(record)
             phases["tracking"] += time.perf_counter() - start_log
 
-        # In this process, workers start once connected: started before connecting they slowed
-        # the H200 sweep, cold and warm (BENCHMARKS.md §13), before they ran niced.
+        # Measuring here (no measuring process), workers start once connected: started before,
+        # they slowed the H200 sweep's start-up, cold and warm (BENCHMARKS.md §13).
         compiling = {"compile_workers": compile_workers, "compile_cache": compile_cache}
         _measure(out, configs, child, log_result, progress, compiling, warn)
     tracker.drain()
