@@ -188,3 +188,34 @@ def test_time_all_stops_a_settled_series_and_flags_it_unconverged(monkeypatch):
     t = timing.time_all("cpu", {"f": lambda: None}, settings)["f"]
     assert t.samples == stats.SETTLE_AFTER  # stopped at the first judgement, not at 30 s
     assert not t.converged and t.noise_pct > 0.1 * 100 / 2
+
+
+def test_a_graph_sample_is_queued_behind_a_gpu_sleep(monkeypatch):
+    """The GPU sleep goes on the stream before the sample's start event (so the event is taken
+    on a busy GPU, the replay already queued), every sample; the sample is ms per call."""
+    order = []
+
+    class Event:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def record(self) -> None:
+            order.append(self.name)
+
+        def synchronize(self) -> None:
+            order.append("sync")
+
+        def elapsed_time(self, other: Event) -> float:
+            return 6.0
+
+    class Graph:
+        def replay(self) -> None:
+            order.append("replay")
+
+    monkeypatch.setattr(timing.torch.cuda, "_sleep", lambda cycles: order.append(cycles))
+    sampler = object.__new__(timing.GraphSampler)  # no CUDA here: the parts a sample uses
+    sampler.start, sampler.end = Event("start"), Event("end")
+    sampler.graph, sampler.calls = Graph(), 3
+    assert sampler.sample() == [2.0] and sampler.sample() == [2.0]
+    sleep = timing.PRESAMPLE_SLEEP_CYCLES
+    assert order == [sleep, "start", "replay", "end", "sync"] * 2
