@@ -44,9 +44,7 @@ def configs(s: int = 1024, d: int = 64) -> list[BenchConfig]:
 def call_args(c: BenchConfig, bench: measure.Bench):
     r = measure.Result(c)
     s = measure.prepare(c, bench, r)
-    built = s.built
-    bm = bench.block_mask(c, built)
-    kwargs = dict(score_mod=built.score_mod, block_mask=bm, scale=s.scale)
+    kwargs = measure.flex_kwargs(c, s.built, bench.block_mask(c, s.built), s.scale)
     return s, kwargs
 
 
@@ -74,37 +72,20 @@ def probe_config(c, bench) -> dict:
     row = {"config": c.run_name()}
     s, kwargs = call_args(c, bench)
     q, k, v = s.inputs
-    # normal compiled first call, fwd + bwd
-    compiled = bench.compiled(c)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = compiled(q, k, v, **kwargs)
-    out.backward(s.dout)
-    torch.cuda.synchronize()
-    row["normal_first_s"] = time.perf_counter() - t
-    ref = [out.detach(), *(x.grad.clone() for x in (q, k, v))]
-    for x in (q, k, v):
-        x.grad = None
+
+    def first(fn) -> tuple[list, float]:  # fwd + bwd: output and dQ/dK/dV, seconds
+        return measure._first_calls(lambda: fn(q, k, v, **kwargs), s.dout, c, s.inputs)
+
+    ref, row["normal_first_s"] = first(bench.compiled(c))  # the normal compiled first call
     try:
         fn, row["aot_compile_s"], row["aot_kernels"] = kernels_during(
             lambda: aot(c, bench, s, kwargs)
         )
-        t = time.perf_counter()
-        out2 = fn(q, k, v, **kwargs)
-        out2.backward(s.dout)
-        torch.cuda.synchronize()
-        row["aot_first_s"] = time.perf_counter() - t
-        got = [out2.detach(), *(x.grad.clone() for x in (q, k, v))]
+        got, row["aot_first_s"] = first(fn)
         row["aot_max_diff"] = max(
             (a.float() - b.float()).abs().max().item() for a, b in zip(got, ref)
         )
-        for x in (q, k, v):
-            x.grad = None
-        t = time.perf_counter()
-        out3 = fn(q, k, v, **kwargs)
-        out3.backward(s.dout)
-        torch.cuda.synchronize()
-        row["aot_second_s"] = time.perf_counter() - t
+        _, row["aot_second_s"] = first(fn)
     except Exception as exc:  # noqa: BLE001
         row["aot_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
     return row
